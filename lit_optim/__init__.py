@@ -1,0 +1,44 @@
+"""lit_optim: memory-efficient optimizers for PyTorch Lightning, by name.
+
+    >>> import lit_optim
+    >>> lit_optim.list_optimizers("*8bit*")          # doctest: +SKIP
+    >>> opt = lit_optim.build_optimizer(model, "paged_adamw_8bit", lr=2e-5)  # doctest: +SKIP
+"""
+
+from lit_optim.build import build_optimizer
+from lit_optim.errors import (
+    BackendNotInstalledError,
+    DeviceRequirementError,
+    HyperparameterError,
+    IncompatibleConfigError,
+    LitOptimError,
+    UnknownOptimizerError,
+    UnsupportedOptimizerError,
+)
+from lit_optim.registry import describe, get_spec, list_optimizers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendNotInstalledError",
+    "DeviceRequirementError",
+    "HyperparameterError",
+    "IncompatibleConfigError",
+    "LitOptimError",
+    "OptimizerMixin",
+    "UnknownOptimizerError",
+    "UnsupportedOptimizerError",
+    "build_optimizer",
+    "describe",
+    "get_spec",
+    "list_optimizers",
+]
+
+
+def __getattr__(name: str):
+    # Lightning is imported only when the mixin is used, so `import lit_optim` stays light.
+    if name == "OptimizerMixin":
+        from lit_optim.mixin import OptimizerMixin
+
+        return OptimizerMixin
+    raise AttributeError(f"module 'lit_optim' has no attribute {name!r}")

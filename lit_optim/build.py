@@ -1,0 +1,254 @@
+"""`build_optimizer`: name + hyperparameters -> the right optimizer object with the right param groups.
+
+Order matters: everything that can be wrong with the request (name, backend, device, hyperparameters) is checked
+before any optimizer is constructed, so errors arrive before step 1 and name the fix.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lit_optim.errors import BackendNotInstalledError, DeviceRequirementError, HyperparameterError
+from lit_optim.param_groups import GroupPlan, ParamInfo, build_param_groups
+from lit_optim.registry import get_spec
+from lit_optim.spec import CPU, OptimizerSpec
+
+log = logging.getLogger("lit_optim")
+
+# Keys that shape the param groups rather than go to the optimizer's constructor.
+GROUP_KEYS = ("no_decay", "lr_scales")
+
+
+@dataclass
+class BuildInfo:
+    """What was actually built; attached to the optimizer as ``optimizer.lit_optim``."""
+
+    name: str
+    spec: OptimizerSpec
+    hyperparameters: dict[str, Any]
+    plan: GroupPlan
+    embedding_32bit_params: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """A flat, loggable description of the built optimizer (for W&B config and the console)."""
+        groups = [
+            {"name": g["name"], "params": sum(p.numel() for p in g["params"]), "tensors": len(g["params"]),
+             "weight_decay": g.get("weight_decay"), "lr_scale": g.get("lr_scale", 1.0)}
+            for g in self.plan.groups
+        ]
+        block = self.hyperparameters.get("block_size")
+        return {
+            "name": self.name, "class": self.spec.target.replace(":", "."), "backend": self.spec.backend,
+            "bits": self.spec.bits, "paged": self.spec.paged, "block_size": block,
+            "theory_bytes_per_param": round(self.spec.bytes_per_param(self.hyperparameters), 4),
+            "trainable_params": sum(g["params"] for g in groups), "groups": groups,
+            "embedding_32bit_params": self.embedding_32bit_params,
+            "hyperparameters": {k: v for k, v in self.hyperparameters.items() if isinstance(v, (int, float, str, bool, tuple, type(None)))},
+            **self.extra,
+        }
+
+
+@dataclass
+class BuildContext:
+    """Passed to spec builders that need more than `target(groups, **kwargs)`."""
+
+    plan: GroupPlan
+
+    @property
+    def param_info(self) -> dict[int, ParamInfo]:
+        return self.plan.param_info
+
+    @property
+    def model(self) -> nn.Module | None:
+        return self.plan.model
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers to Python ones, lists to tuples: optimizer state must load with weights_only=True."""
+    try:
+        from omegaconf import Container, OmegaConf
+
+        if isinstance(value, Container):
+            value = OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - hydra is a core dependency
+        pass
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def check_available(spec: OptimizerSpec) -> None:
+    """Backend installed and device adequate, or a clear error saying what to do."""
+    if importlib.util.find_spec(spec.backend_module) is None:
+        raise BackendNotInstalledError(
+            f"Optimizer {spec.name!r} needs the {spec.backend!r} package, which is not installed. Install it with: "
+            f"{spec.install_hint}"
+        )
+    if spec.requires_cuda or CPU not in spec.supports:
+        if not torch.cuda.is_available():
+            raise DeviceRequirementError(
+                f"Optimizer {spec.name!r} runs only on a CUDA GPU and this machine has none. Train on a GPU, or pick "
+                "a CPU-capable optimizer (`lit-optim list` shows which)."
+            )
+        if spec.min_compute_capability:
+            have = torch.cuda.get_device_capability()
+            if have < spec.min_compute_capability:
+                need = ".".join(map(str, spec.min_compute_capability))
+                raise DeviceRequirementError(
+                    f"Optimizer {spec.name!r} needs CUDA compute capability >= {need} (FP8: Ada or Hopper); this GPU "
+                    f"({torch.cuda.get_device_name()}) is {have[0]}.{have[1]}. Use an 8-bit optimizer instead, e.g. "
+                    f"'adamw_torch_8bit'."
+                )
+
+
+def accepted_arguments(spec: OptimizerSpec) -> dict[str, Any]:
+    """Constructor arguments of the spec's class with their defaults (``inspect.Parameter.empty`` if required)."""
+    sig = inspect.signature(spec.load_class().__init__)
+    skip = {"self", "params", "args", "param_info"}
+    return {
+        n: p.default for n, p in sig.parameters.items()
+        if n not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+
+
+def _check_type(spec: OptimizerSpec, key: str, value: Any, default: Any) -> Any:
+    def bad(expected: str) -> HyperparameterError:
+        return HyperparameterError(
+            f"Optimizer {spec.name!r}: hyperparameter {key}={value!r} has the wrong type; expected {expected} "
+            f"(default: {default!r})."
+        )
+
+    if default is inspect.Parameter.empty or default is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+            raise bad("a number")
+    elif isinstance(default, tuple):
+        if not isinstance(value, tuple) or len(value) != len(default):
+            raise bad(f"a list of {len(default)} values")
+        if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))) for v in value):
+            raise bad(f"a list of {len(default)} numbers")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise bad("a string")
+    return value
+
+
+def resolve_hyperparameters(spec: OptimizerSpec, hyperparameters: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Split and validate: returns (optimizer kwargs, group options)."""
+    hp = {k: _plain(v) for k, v in hyperparameters.items()}
+    accepted = accepted_arguments(spec)
+    group_opts = {k: hp.pop(k) for k in GROUP_KEYS if k in hp}
+    if spec.embedding_state_32bit:
+        group_opts["embedding_state_32bit"] = hp.pop("embedding_state_32bit", True)
+    implied = dict(spec.fixed)
+    if spec.backend == "bitsandbytes":  # the name fixes bits and paging even where the class takes them
+        implied.update(optim_bits=spec.bits, is_paged=spec.paged)
+    for key, value in hp.items():
+        if key in implied and implied[key] != value:
+            raise HyperparameterError(
+                f"Optimizer {spec.name!r} fixes {key}={implied[key]!r}; it cannot be set to {value!r}. Pick the "
+                f"name that means what you want (see `lit-optim list`)."
+            )
+        if key in implied:
+            continue
+        if key not in accepted:
+            import difflib
+
+            close = difflib.get_close_matches(key, list(accepted), n=2)
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
+            raise HyperparameterError(
+                f"Optimizer {spec.name!r} ({spec.target.replace(':', '.')}) does not take hyperparameter {key!r}.{hint}"
+                f" It takes: {', '.join(sorted([*accepted, *GROUP_KEYS]))}."
+            )
+    kwargs = {**spec.defaults, **{k: v for k, v in hp.items() if k not in implied}}
+    for key in list(kwargs):
+        if key in accepted:
+            kwargs[key] = _check_type(spec, key, kwargs[key], accepted[key])
+    missing = [k for k, d in accepted.items() if d is inspect.Parameter.empty and k not in kwargs and k not in spec.fixed]
+    if missing:
+        raise HyperparameterError(f"Optimizer {spec.name!r} needs hyperparameter(s) {missing}; none were given.")
+    lr = kwargs.get("lr", accepted.get("lr"))
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr < 0:
+        raise HyperparameterError(f"Optimizer {spec.name!r}: lr must be >= 0, got {lr}.")
+    return kwargs, group_opts
+
+
+def _verify(optimizer: torch.optim.Optimizer, spec: OptimizerSpec) -> None:
+    """The object must be what the name claims (class, bits, paging) -- the check timm's factory lacks."""
+    cls = spec.load_class()
+    if not isinstance(optimizer, cls):
+        raise AssertionError(f"{spec.name!r} built {type(optimizer).__name__}, expected {cls.__name__}")
+    if spec.backend == "bitsandbytes":
+        bits = optimizer.args.optim_bits
+        if bits != spec.bits or bool(optimizer.is_paged) != spec.paged:
+            raise AssertionError(
+                f"{spec.name!r} built bitsandbytes {type(optimizer).__name__} with optim_bits={bits}, "
+                f"is_paged={optimizer.is_paged}; expected bits={spec.bits}, paged={spec.paged}"
+            )
+
+
+def _keep_embeddings_32bit(optimizer, plan: GroupPlan) -> int:
+    import bitsandbytes as bnb
+
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    count = 0
+    if plan.model is not None:
+        for module in plan.model.modules():
+            if isinstance(module, nn.Embedding) and module.weight.requires_grad:
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
+                count += module.weight.numel()
+    return count
+
+
+def build_optimizer(
+    model_or_named_params: nn.Module | Iterable[tuple[str, nn.Parameter]],
+    name: str,
+    **hyperparameters: Any,
+) -> torch.optim.Optimizer:
+    """Build the optimizer `name` for a model (or its named parameters) with lit_optim's param groups.
+
+    Hyperparameters are the optimizer's own constructor arguments (``lr``, ``betas``, ``block_size`` ...) plus
+    ``weight_decay`` (applied only to the ``decay`` group), ``no_decay`` (extra regexes), ``lr_scales`` and, for
+    bitsandbytes 8-bit optimizers, ``embedding_state_32bit`` (default True, as Hugging Face does).
+    """
+    spec = get_spec(name)
+    check_available(spec)
+    kwargs, group_opts = resolve_hyperparameters(spec, hyperparameters)
+    accepted = accepted_arguments(spec)
+    lr = kwargs.get("lr", accepted.get("lr"))
+    wd = kwargs.pop("weight_decay", accepted.get("weight_decay", 0.0))
+    plan = build_param_groups(
+        model_or_named_params,
+        lr=float(lr) if lr is not None and lr is not inspect.Parameter.empty else 0.0,
+        weight_decay=float(wd or 0.0),
+        no_decay=group_opts.get("no_decay") or (),
+        lr_scales=group_opts.get("lr_scales"),
+    )
+    if "weight_decay" in accepted:
+        kwargs["weight_decay"] = wd or 0.0
+    ctor_kwargs = {**kwargs, **spec.fixed}
+    if spec.builder is not None:
+        optimizer = spec.builder(plan.groups, spec, ctor_kwargs, BuildContext(plan))
+    else:
+        optimizer = spec.load_class()(plan.groups, **ctor_kwargs)
+    _verify(optimizer, spec)
+    info = BuildInfo(spec.name, spec, {**kwargs, "weight_decay": wd}, plan)
+    if group_opts.get("embedding_state_32bit"):
+        info.embedding_32bit_params = _keep_embeddings_32bit(optimizer, plan)
+    optimizer.lit_optim = info
+    log.info("lit_optim built %s (%s): %s", spec.name, spec.target.replace(":", "."), plan.summary())
+    return optimizer

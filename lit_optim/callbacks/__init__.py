@@ -1,0 +1,1 @@
+"""Lightning callbacks that make optimizer memory and speed visible (see issue: callbacks)."""

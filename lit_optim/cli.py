@@ -1,0 +1,88 @@
+"""`lit-optim`: the command line.
+
+    lit-optim train [hydra overrides...]   train (see conf/train.yaml), e.g. optim=paged_adamw_8bit optim.lr=2e-5
+    lit-optim list [PATTERN] [--markdown]  the registry as a table, with availability on this machine
+    lit-optim describe NAME                one optimizer in detail
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _quiet_import_noise() -> None:
+    # torchao warns about optional CUDA kernels it cannot load on CPU-only machines; irrelevant to optimizers.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
+def optimizer_table(pattern: str | None = None, markdown: bool = False) -> str:
+    from lit_optim.registry import availability, get_spec, list_optimizers
+    from lit_optim.spec import CPU
+
+    headers = ["name", "backend", "builds", "state B/param", "runs on", "available here"]
+    rows = []
+    for name in list_optimizers(pattern):
+        spec = get_spec(name)
+        gpu_only = spec.requires_cuda or CPU not in spec.supports
+        runs = "CUDA" + (f" >= {'.'.join(map(str, spec.min_compute_capability))}" if spec.min_compute_capability
+                         else "") if gpu_only else "CPU, CUDA"
+        kind = (f"{spec.bits}-bit" if spec.bits else "stateless") + (", paged" if spec.paged else "")
+        avail = availability(spec)
+        rows.append([
+            name + (f" ({', '.join(spec.aliases)})" if spec.aliases else ""),
+            spec.backend,
+            spec.target.split(":")[-1],
+            f"{spec.bytes_per_param():.3g} ({kind})",
+            runs,
+            "yes" if avail.ok else f"no: {avail.reason}",
+        ])
+    if markdown:
+        rows = [[r[0], r[1], r[2], r[3], r[4]] for r in rows]
+        head = headers[:5]
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(f"`{r[0]}`" if i == 0 else r[i] for i in range(len(r))) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*headers), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_import_noise()
+    if argv and argv[0] == "train":
+        from lit_optim.train import main as train_main
+
+        sys.argv = ["lit-optim-train", *argv[1:]]
+        train_main()
+        return 0
+    parser = argparse.ArgumentParser(prog="lit-optim", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train with Hydra overrides (see `lit-optim train --help`)")
+    p_list = sub.add_parser("list", help="list optimizers")
+    p_list.add_argument("pattern", nargs="?", help="shell-style filter, e.g. '*8bit*'")
+    p_list.add_argument("--markdown", action="store_true", help="a Markdown table (as in the README)")
+    p_desc = sub.add_parser("describe", help="describe one optimizer")
+    p_desc.add_argument("name")
+    args = parser.parse_args(argv)
+    from lit_optim.errors import LitOptimError
+
+    try:
+        if args.command == "list":
+            print(optimizer_table(args.pattern, args.markdown))
+        elif args.command == "describe":
+            from lit_optim.registry import describe
+
+            print(describe(args.name))
+    except LitOptimError as err:
+        print(f"lit-optim: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Parameter classification and param groups.
+
+Weight decay is skipped for biases, normalisation weights (by module type and by name), every other 1-D parameter,
+and names the model lists in `no_weight_decay()`. Frozen parameters are left out. `lr_scales` gives matching
+parameters their own named group with a scaled learning rate (e.g. ``{"embedding": 0.1}``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lit_optim.errors import HyperparameterError
+
+log = logging.getLogger("lit_optim")
+
+# Hugging Face's no-decay name rule, plus generic norm spellings.
+_NO_DECAY_NAME = re.compile(r"(^|\.)bias$|layernorm|layer_norm|rmsnorm|(^|\.)norm($|\.)|_norm($|\.)|(^|\.)ln_?\w*\.")
+# Selector names accepted in lr_scales besides regexes.
+EMBEDDING, HEAD = "embedding", "head"
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What lit_optim knows about one trainable parameter."""
+
+    name: str
+    param: nn.Parameter
+    module_type: str  # class name of the owning module ("" when only named parameters were given)
+    is_embedding: bool
+    is_head: bool  # output projection: tied to the embedding, or a Linear named like a head
+    decay: bool
+
+
+@dataclass
+class GroupPlan:
+    """Param groups ready for an optimizer constructor, plus the bookkeeping behind them."""
+
+    groups: list[dict]
+    param_info: dict[int, ParamInfo]  # id(param) -> info
+    frozen: list[str] = field(default_factory=list)
+    model: nn.Module | None = None
+
+    def names(self, group: dict) -> list[str]:
+        return [self.param_info[id(p)].name for p in group["params"]]
+
+    def summary(self) -> str:
+        parts = []
+        for g in self.groups:
+            n = sum(p.numel() for p in g["params"])
+            parts.append(f"{g['name']}: {n:,} params in {len(g['params'])} tensors"
+                         + (f" (lr x{g['lr_scale']:g})" if g.get("lr_scale", 1.0) != 1.0 else ""))
+        total = sum(p.numel() for g in self.groups for p in g["params"])
+        text = f"{total:,} trainable params in {len(self.groups)} groups -- " + "; ".join(parts)
+        if self.frozen:
+            text += f"; {len(self.frozen)} frozen tensors excluded"
+        return text
+
+
+def _is_norm(module: nn.Module) -> bool:
+    norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+    if hasattr(nn, "RMSNorm"):
+        norm_types = (*norm_types, nn.RMSNorm)
+    return isinstance(module, norm_types) or "norm" in type(module).__name__.lower()
+
+
+def classify(
+    model_or_named_params: nn.Module | Iterable[tuple[str, nn.Parameter]],
+    no_decay: Iterable[str] = (),
+) -> tuple[list[ParamInfo], list[str], nn.Module | None]:
+    """Classify trainable parameters; returns (infos in model order, frozen names, model or None)."""
+    extra = [re.compile(p) for p in no_decay]
+    if isinstance(model_or_named_params, nn.Module):
+        model = model_or_named_params
+        owner: dict[int, nn.Module] = {}
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                owner.setdefault(id(p), module)
+        named = list(model.named_parameters())
+        listed = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+        listed = set(listed)
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    else:
+        model, owner, listed, embeddings, out_emb = None, {}, set(), set(), None
+        named = list(model_or_named_params)
+        if named and not (isinstance(named[0], tuple) and len(named[0]) == 2 and isinstance(named[0][0], str)):
+            raise HyperparameterError(
+                "build_optimizer needs an nn.Module or (name, parameter) pairs, e.g. model.named_parameters(); "
+                f"got an iterable of {type(named[0]).__name__}."
+            )
+    head_ids = {id(out_emb.weight)} if isinstance(out_emb, nn.Module) and hasattr(out_emb, "weight") else set()
+    infos, frozen = [], []
+    for name, p in named:
+        if not p.requires_grad:
+            frozen.append(name)
+            continue
+        module = owner.get(id(p))
+        is_head = id(p) in head_ids or bool(re.search(r"(^|\.)(lm_head|output|head|classifier)\.weight$", name))
+        is_emb = id(p) in embeddings or (module is None and "embed" in name)
+        decay = not (
+            p.ndim <= 1
+            or (module is not None and _is_norm(module))
+            or _NO_DECAY_NAME.search(name.lower())
+            or name in listed
+            or any(name.startswith(f"{n}.") or name.endswith(f".{n}") for n in listed)
+            or any(r.search(name) for r in extra)
+        )
+        infos.append(ParamInfo(name, p, type(module).__name__ if module else "", is_emb, is_head, decay))
+    return infos, frozen, model
+
+
+def build_param_groups(
+    model_or_named_params: nn.Module | Iterable[tuple[str, nn.Parameter]],
+    *,
+    lr: float,
+    weight_decay: float,
+    no_decay: Iterable[str] = (),
+    lr_scales: Mapping[str, float] | None = None,
+) -> GroupPlan:
+    """Named groups: ``decay`` and ``no_decay`` (and ``<selector>/decay`` ... for each `lr_scales` entry)."""
+    infos, frozen, model = classify(model_or_named_params, no_decay)
+    if not infos:
+        raise HyperparameterError("The model has no trainable parameters (all requires_grad=False): nothing to optimize.")
+    scales = dict(lr_scales or {})
+    for key, value in scales.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise HyperparameterError(f"lr_scales[{key!r}] must be a non-negative number, got {value!r}.")
+    patterns = {k: re.compile(k) for k in scales if k not in (EMBEDDING, HEAD)}
+
+    def selector(info: ParamInfo) -> str | None:
+        for key in scales:
+            if (key == EMBEDDING and info.is_embedding) or (key == HEAD and info.is_head):
+                return key
+            if key in patterns and patterns[key].search(info.name):
+                return key
+        return None
+
+    buckets: dict[tuple[str | None, bool], list[torch.Tensor]] = {}
+    for info in infos:
+        buckets.setdefault((selector(info), info.decay), []).append(info.param)
+    unused = [k for k in scales if not any(sel == k for sel, _ in buckets)]
+    if unused:
+        raise HyperparameterError(
+            f"lr_scales selectors {unused} match no trainable parameter. Use 'embedding', 'head', or a regex on "
+            "parameter names (see model.named_parameters())."
+        )
+    groups = []
+    for (sel, decay), params in sorted(buckets.items(), key=lambda kv: (kv[0][0] or "", not kv[0][1])):
+        scale = float(scales[sel]) if sel else 1.0
+        base = "decay" if decay else "no_decay"
+        groups.append({
+            "params": params,
+            "name": f"{sel}/{base}" if sel else base,
+            "weight_decay": weight_decay if decay else 0.0,
+            "lr": lr * scale,
+            "lr_scale": scale,
+        })
+    return GroupPlan(groups, {id(i.param): i for i in infos}, frozen, model)

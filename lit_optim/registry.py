@@ -1,0 +1,108 @@
+"""The optimizer registry: every name lit_optim can build, with lookup, listing and description.
+
+Specs live in `lit_optim/specs/` (one module per backend); importing that package registers them. To add an
+optimizer, add an `OptimizerSpec` there and a YAML in `conf/optim/` (a test checks the two match one to one).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+from dataclasses import dataclass
+
+from lit_optim.errors import UnknownOptimizerError, UnsupportedOptimizerError
+from lit_optim.spec import CPU, OptimizerSpec
+from lit_optim.hf_names import HF_TRAINER_NAMES, OUT_OF_SCOPE
+
+_SPECS: dict[str, OptimizerSpec] = {}
+_ALIASES: dict[str, str] = {}
+# Names users know (Hugging Face Trainer) whose backend lit_optim does not wrap: name -> why / what to use instead.
+_UNSUPPORTED: dict[str, str] = dict(OUT_OF_SCOPE)
+
+
+def register(spec: OptimizerSpec) -> OptimizerSpec:
+    for name in spec.names:
+        if name in _SPECS or name in _ALIASES:
+            raise ValueError(f"optimizer name {name!r} is registered twice")
+    _SPECS[spec.name] = spec
+    for alias in spec.aliases:
+        _ALIASES[alias] = spec.name
+    return spec
+
+
+def _ensure_loaded() -> None:
+    if not _SPECS:
+        import lit_optim.specs.all  # noqa: F401  (registers every spec)
+
+
+def get_spec(name: str) -> OptimizerSpec:
+    """The spec for a name or alias; unknown names fail with the closest valid ones."""
+    _ensure_loaded()
+    key = str(name).strip().lower()
+    key = _ALIASES.get(key, key)
+    if key in _SPECS:
+        return _SPECS[key]
+    if key in _UNSUPPORTED:
+        raise UnsupportedOptimizerError(f"Optimizer {name!r} is not available in lit_optim: {_UNSUPPORTED[key]}")
+    raise UnknownOptimizerError(str(name), [*_SPECS, *_ALIASES])
+
+
+def all_specs() -> list[OptimizerSpec]:
+    _ensure_loaded()
+    return list(_SPECS.values())
+
+
+def list_optimizers(pattern: str | None = None) -> list[str]:
+    """Registered names (not aliases), sorted; `pattern` is a shell-style filter such as ``"*8bit*"``."""
+    _ensure_loaded()
+    names = sorted(_SPECS)
+    return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
+
+
+def aliases() -> dict[str, str]:
+    _ensure_loaded()
+    return dict(_ALIASES)
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str = ""
+
+
+def availability(spec: OptimizerSpec) -> Availability:
+    """Whether `spec` can run on this machine, and if not, why (without importing heavy backends)."""
+    if importlib.util.find_spec(spec.backend_module) is None:
+        return Availability(False, f"{spec.backend} not installed: {spec.install_hint}")
+    if spec.requires_cuda or CPU not in spec.supports:
+        import torch
+
+        if not torch.cuda.is_available():
+            return Availability(False, "needs a CUDA GPU")
+        if spec.min_compute_capability and torch.cuda.get_device_capability() < spec.min_compute_capability:
+            major, minor = spec.min_compute_capability
+            return Availability(False, f"needs compute capability >= {major}.{minor}")
+    return Availability(True)
+
+
+def describe(name: str) -> str:
+    """A human-readable description of one optimizer: what it builds, its state cost and what it supports."""
+    spec = get_spec(name)
+    fixed = ", ".join(f"{k}={v!r}" for k, v in spec.fixed.items())
+    avail = availability(spec)
+    lines = [
+        f"{spec.name}: {spec.description}",
+        f"  builds:        {spec.target.replace(':', '.')}" + (f"({fixed})" if fixed else ""),
+        f"  backend:       {spec.backend}" + ("" if avail.ok else f"  [unavailable here: {avail.reason}]"),
+        f"  aliases:       {', '.join(spec.aliases) or '-'}",
+        f"  state:         {spec.bytes_per_param():.3g} bytes/param on large tensors"
+        + (f" ({spec.bits}-bit" + (", paged" if spec.paged else "") + ")" if spec.bits else " (stateless)"),
+        "  runs on:       "
+        + ("CUDA only" if spec.requires_cuda or CPU not in spec.supports else "CPU and CUDA")
+        + (f" (compute capability >= {'.'.join(map(str, spec.min_compute_capability))})" if spec.min_compute_capability else ""),
+        f"  supports:      {', '.join(sorted(spec.supports))}",
+        f"  HF Trainer:    {', '.join(n for n in spec.names if n in HF_TRAINER_NAMES) or 'no'}",
+    ]
+    if spec.notes:
+        lines.append(f"  notes:         {spec.notes}")
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""`OptimizerSpec`: one frozen, declarative record per registry name.
+
+A spec says what a name builds (`target` class plus the arguments the name fixes, such as bits or paging), what its
+optimizer state costs in theory (`state_bytes`), where it runs and what it supports. Specs never import their backend;
+`build.py` does that lazily when the name is actually selected.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+# What a training setup may need from an optimizer; `supports` lists the ones a spec handles.
+CPU, DDP, FSDP2, GRAD_CLIP, GRAD_ACCUM = "cpu", "ddp", "fsdp2", "grad_clip", "grad_accum"
+ALL_FEATURES = frozenset({CPU, DDP, FSDP2, GRAD_CLIP, GRAD_ACCUM})
+
+# backend -> (module to import, how to install it)
+BACKENDS: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        "torch": ("torch", "pip install torch"),
+        "torchao": ("torchao", "pip install torchao"),
+        "bitsandbytes": ("bitsandbytes", "pip install bitsandbytes"),
+        "schedulefree": ("schedulefree", "pip install 'lit-optim[schedulefree]'  (or: pip install schedulefree)"),
+        "optimi": ("optimi", "pip install 'lit-optim[optimi]'  (or: pip install torch-optimi)"),
+        "lit_optim": ("lit_optim", "pip install lit-optim"),
+    }
+)
+
+# state_bytes(shape, hyperparameters) -> bytes of optimizer state kept for one parameter tensor of that shape.
+StateTheory = Callable[[tuple[int, ...], Mapping[str, Any]], float]
+# builder(param_groups, spec, kwargs, context) -> optimizer, for names that are more than `target(**kwargs)`.
+Builder = Callable[..., Any]
+
+
+def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    backend: str
+    target: str  # "package.module:Class", imported only when built
+    description: str
+    state_bytes: StateTheory
+    aliases: tuple[str, ...] = ()
+    fixed: Mapping[str, Any] = field(default_factory=dict)  # arguments the name itself implies (bits, paging, fused)
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # our defaults where the class's are unsuitable
+    bits: int | None = 32  # precision of the bulk of the state (None: the optimizer keeps no state)
+    paged: bool = False
+    requires_cuda: bool = False
+    min_compute_capability: tuple[int, int] | None = None
+    supports: frozenset[str] = ALL_FEATURES
+    builder: Builder | None = None
+    train_eval_switch: bool = False  # schedule-free: optimizer.train()/eval() must follow the module
+    embedding_state_32bit: bool = False  # bnb 8-bit: nn.Embedding weights keep 32-bit state by default
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"spec {self.name!r}: unknown backend {self.backend!r}")
+        object.__setattr__(self, "fixed", _frozen(self.fixed))
+        object.__setattr__(self, "defaults", _frozen(self.defaults))
+        object.__setattr__(self, "supports", frozenset(self.supports))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+    @property
+    def install_hint(self) -> str:
+        return BACKENDS[self.backend][1]
+
+    @property
+    def backend_module(self) -> str:
+        return BACKENDS[self.backend][0]
+
+    def load_class(self) -> type:
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def bytes_per_param(self, hyperparameters: Mapping[str, Any] | None = None) -> float:
+        """State bytes per parameter of a large 4096 x 4096 weight (where low-bit quantization applies)."""
+        shape = (4096, 4096)
+        return self.state_bytes(shape, {**self.defaults, **(hyperparameters or {})}) / (4096 * 4096)

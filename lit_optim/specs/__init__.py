@@ -1,0 +1,1 @@
+"""Optimizer specs, one module per backend. `all.py` imports them in registry order."""

@@ -1,0 +1,51 @@
+"""bitsandbytes optimizers: 8-bit block-wise state, 32-bit state, and paged (CUDA unified memory) variants.
+
+bitsandbytes' plain `AdamW` is 32-bit unless told otherwise; every name here pins its class and bits explicitly, and
+`build.py` checks the built object against `bits`/`paged`.
+"""
+
+from __future__ import annotations
+
+from lit_optim import theory
+from lit_optim.registry import register
+from lit_optim.spec import CPU, DDP, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
+
+# FSDP cannot save bitsandbytes' 8-bit/paged state through its optimizer state dict (bnb#89, #1403, #1732).
+_NO_FSDP = frozenset({CPU, DDP, GRAD_CLIP, GRAD_ACCUM})
+
+
+def _bnb(name, cls, bits, states, desc, *, paged=False, aliases=(), fixed=None, defaults=None, theory_fn=None,
+         supports=_NO_FSDP, notes=""):
+    register(OptimizerSpec(
+        name=name, backend="bitsandbytes", target=f"bitsandbytes.optim:{cls}", bits=bits, paged=paged,
+        state_bytes=theory_fn or theory.bnb_states(states, bits), aliases=aliases, fixed=fixed or {},
+        defaults=defaults or {}, supports=supports, embedding_state_32bit=bits == 8,
+        description=f"bitsandbytes {cls}: {desc}" + (" State in paged (CUDA unified) memory." if paged else ""),
+        notes=notes or ("Tensors under min_8bit_size (4096) elements keep 32-bit state." if bits == 8 else ""),
+    ))
+
+
+_bnb("adamw_bnb_8bit", "AdamW8bit", 8, 2, "block-wise 8-bit AdamW moments.", aliases=("adamw_8bit",))
+_bnb("adamw_32bit", "AdamW32bit", 32, 2, "32-bit AdamW moments (bnb kernels).", aliases=("adamw_bnb_32bit",))
+_bnb("paged_adamw_8bit", "PagedAdamW8bit", 8, 2, "block-wise 8-bit AdamW moments.", paged=True)
+_bnb("paged_adamw_32bit", "PagedAdamW32bit", 32, 2, "32-bit AdamW moments.", paged=True, aliases=("paged_adamw",))
+_bnb("lion_8bit", "Lion8bit", 8, 1, "block-wise 8-bit Lion momentum.")
+_bnb("lion_32bit", "Lion32bit", 32, 1, "32-bit Lion momentum.", aliases=("lion",))
+_bnb("paged_lion_8bit", "PagedLion8bit", 8, 1, "block-wise 8-bit Lion momentum.", paged=True)
+_bnb("paged_lion_32bit", "PagedLion32bit", 32, 1, "32-bit Lion momentum.", paged=True, aliases=("paged_lion",))
+_bnb("rmsprop_bnb", "RMSprop", 32, 1, "RMSprop, 32-bit state (Hugging Face's default bits).", fixed={"optim_bits": 32})
+_bnb("rmsprop_bnb_8bit", "RMSprop8bit", 8, 1, "block-wise 8-bit RMSprop square average.")
+_bnb("rmsprop_bnb_32bit", "RMSprop32bit", 32, 1, "32-bit RMSprop square average.")
+_bnb("ademamix", "AdEMAMix", 32, 3, "AdEMAMix (two EMAs of the gradient plus one of its square), 32-bit.",
+     fixed={"optim_bits": 32})
+_bnb("ademamix_8bit", "AdEMAMix8bit", 8, 3, "AdEMAMix with block-wise 8-bit states.")
+_bnb("paged_ademamix_8bit", "PagedAdEMAMix8bit", 8, 3, "AdEMAMix with block-wise 8-bit states.", paged=True)
+# bitsandbytes 0.50's CPU fallback for paged 32-bit AdEMAMix crashes on its (2, ...) first state: CUDA only.
+_bnb("paged_ademamix_32bit", "PagedAdEMAMix32bit", 32, 3, "AdEMAMix, 32-bit states.", paged=True,
+     aliases=("paged_ademamix",), supports=_NO_FSDP - {CPU},
+     notes="CUDA only: bitsandbytes 0.50's CPU path for this optimizer fails with a shape mismatch.")
+_bnb("adagrad_8bit", "Adagrad8bit", 8, 1, "block-wise 8-bit Adagrad accumulator.")
+# bitsandbytes refuses SGD without momentum, so the name defaults to the usual 0.9.
+_bnb("sgd_8bit", "SGD8bit", 8, 1, "SGD with a block-wise 8-bit momentum buffer.", defaults={"momentum": 0.9},
+     theory_fn=theory.bnb_sgd(8))
+_bnb("lamb_8bit", "LAMB8bit", 8, 2, "LAMB with block-wise 8-bit moments.")

@@ -1,0 +1,29 @@
+"""Optimizers from small third-party packages, installed as lit_optim extras."""
+
+from __future__ import annotations
+
+from lit_optim import theory
+from lit_optim.registry import register
+from lit_optim.spec import OptimizerSpec
+
+_SF = "Schedule-free: no LR decay schedule needed; lit_optim switches optimizer.train()/eval() with the module."
+register(OptimizerSpec(
+    name="schedule_free_adamw", backend="schedulefree", target="schedulefree:AdamWScheduleFree",
+    state_bytes=theory.fp32_states(2), train_eval_switch=True, notes=_SF,
+    description="Schedule-free AdamW (Defazio et al.), fp32 z and second-moment state.",
+))
+register(OptimizerSpec(
+    name="schedule_free_radam", backend="schedulefree", target="schedulefree:RAdamScheduleFree",
+    state_bytes=theory.fp32_states(2), train_eval_switch=True, notes=_SF,
+    description="Schedule-free RAdam: no warmup and no LR schedule needed.",
+))
+register(OptimizerSpec(
+    name="schedule_free_sgd", backend="schedulefree", target="schedulefree:SGDScheduleFree",
+    state_bytes=theory.fp32_states(1), train_eval_switch=True, notes=_SF,
+    description="Schedule-free SGD with momentum, one fp32 z buffer.",
+))
+register(OptimizerSpec(
+    name="stable_adamw", backend="optimi", target="optimi:StableAdamW", state_bytes=theory.fp32_states(2),
+    defaults={"lr": 1e-3},
+    description="StableAdamW (optimi): AdamW with AdaFactor-style update clipping; Kahan summation for bf16 params.",
+))

@@ -1,0 +1,56 @@
+"""Optimizers that ship with PyTorch."""
+
+from __future__ import annotations
+
+from lit_optim import theory
+from lit_optim.registry import register
+from lit_optim.spec import OptimizerSpec
+
+register(OptimizerSpec(
+    name="adamw_torch", backend="torch", target="torch.optim:AdamW", state_bytes=theory.fp32_states(2),
+    description="PyTorch AdamW (foreach), fp32 state.",
+))
+register(OptimizerSpec(
+    name="adamw_torch_fused", backend="torch", target="torch.optim:AdamW", fixed={"fused": True},
+    state_bytes=theory.fp32_states(2), description="PyTorch AdamW with the fused kernel (CUDA and CPU), fp32 state.",
+))
+register(OptimizerSpec(
+    name="adam", backend="torch", target="torch.optim:Adam", state_bytes=theory.fp32_states(2),
+    aliases=("adam_torch",), description="PyTorch Adam (L2 weight decay, not decoupled), fp32 state.",
+))
+register(OptimizerSpec(
+    name="sgd", backend="torch", target="torch.optim:SGD", state_bytes=theory.sgd_like, bits=32,
+    description="PyTorch SGD; a momentum buffer only when momentum > 0.",
+))
+register(OptimizerSpec(
+    name="adagrad", backend="torch", target="torch.optim:Adagrad", state_bytes=theory.fp32_states(1),
+    description="PyTorch Adagrad, one fp32 accumulator.",
+))
+register(OptimizerSpec(
+    name="rmsprop", backend="torch", target="torch.optim:RMSprop", state_bytes=theory.rmsprop_like,
+    description="PyTorch RMSprop; extra buffers with momentum or centered=True.",
+))
+register(OptimizerSpec(
+    name="adafactor", backend="torch", target="torch.optim:Adafactor", state_bytes=theory.factored_second_moment,
+    aliases=("adafactor_torch",), defaults={"lr": 1e-2},
+    description="PyTorch Adafactor: factored second moment (row + column statistics), no first moment.",
+    notes="Hugging Face's 'adafactor' is transformers' own class; this builds PyTorch's, the same algorithm family.",
+))
+
+
+def _build_muon(groups, spec, kwargs, context):
+    from lit_optim.optimizers.muon_adamw import MuonWithAdamW
+
+    return MuonWithAdamW(groups, param_info=context.param_info, **kwargs)
+
+
+def _muon_theory(shape, hp):
+    # Muon keeps one momentum buffer for 2-D hidden weights; everything else (AdamW) keeps two.
+    return theory.fp32_states(1 if len(shape) == 2 else 2)(shape, hp)
+
+
+register(OptimizerSpec(
+    name="muon", backend="torch", target="lit_optim.optimizers.muon_adamw:MuonWithAdamW", builder=_build_muon,
+    state_bytes=_muon_theory, defaults={"lr": 1e-3},
+    description="PyTorch Muon on 2-D hidden weights plus AdamW on embeddings, head and 1-D params, in one optimizer.",
+))

@@ -1,0 +1,28 @@
+"""torchao's low-bit AdamW/Adam: 8-bit and 4-bit block-quantized state, FP8 state (CUDA >= 8.9)."""
+
+from __future__ import annotations
+
+from lit_optim import theory
+from lit_optim.registry import register
+from lit_optim.spec import DDP, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
+
+_GPU_ONLY = frozenset({DDP, FSDP2, GRAD_CLIP, GRAD_ACCUM})
+_NOTE = "Only tensors with >= 4096 elements divisible by block_size get low-bit state; the rest keep fp32."
+
+for decoupled, prefix, label in ((True, "adamw", "AdamW"), (False, "adam", "Adam")):
+    register(OptimizerSpec(
+        name=f"{prefix}_torch_8bit", backend="torchao", target=f"torchao.optim:{label}8bit", bits=8,
+        state_bytes=theory.torchao_states(2, 8), notes=_NOTE,
+        description=f"torchao {label}8bit: block-wise (256) 8-bit dynamic-tree quantized moments.",
+    ))
+    register(OptimizerSpec(
+        name=f"{prefix}_torch_4bit", backend="torchao", target=f"torchao.optim:{label}4bit", bits=4,
+        state_bytes=theory.torchao_states(2, 4), notes=_NOTE,
+        description=f"torchao {label}4bit: block-wise (128) 4-bit quantized moments.",
+    ))
+    register(OptimizerSpec(
+        name=f"{prefix}_fp8", backend="torchao", target=f"torchao.optim:{label}Fp8", bits=8,
+        state_bytes=theory.torchao_states(2, "fp8"), requires_cuda=True, min_compute_capability=(8, 9),
+        supports=_GPU_ONLY, aliases=(f"{prefix}_torch_fp8",), notes=_NOTE,
+        description=f"torchao {label}Fp8: block-wise scaled float8 (e4m3) moments; CUDA compute capability >= 8.9.",
+    ))

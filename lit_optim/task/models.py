@@ -1,0 +1,45 @@
+"""Model factory for the task: ``{"arch": "tiny", ...}`` or ``{"arch": "llama", ...}`` (transformers extra)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from lit_optim.errors import BackendNotInstalledError, HyperparameterError
+from lit_optim.task.tiny_lm import TinyLM
+
+
+def build_model(config: Mapping[str, Any]) -> nn.Module:
+    cfg = dict(config)
+    arch = cfg.pop("arch", "tiny")
+    if arch == "tiny":
+        try:
+            return TinyLM(**cfg)
+        except TypeError as err:
+            raise HyperparameterError(f"model (arch=tiny): {err}") from None
+    if arch == "llama":
+        return _build_llama(cfg)
+    raise HyperparameterError(f"Unknown model arch {arch!r}; choose 'tiny' or 'llama'.")
+
+
+def _build_llama(cfg: dict[str, Any]) -> nn.Module:
+    try:
+        import transformers
+    except ImportError:
+        raise BackendNotInstalledError(
+            "model arch 'llama' needs transformers: pip install 'lit-optim[transformers]'"
+        ) from None
+    pretrained = cfg.pop("pretrained", None)
+    gradient_checkpointing = cfg.pop("gradient_checkpointing", False)
+    dtype = cfg.pop("dtype", None)
+    if pretrained and os.path.isdir(os.path.expanduser(str(pretrained))):
+        model = transformers.AutoModelForCausalLM.from_pretrained(os.path.expanduser(str(pretrained)), dtype=dtype)
+    else:
+        # No weights here: the architecture from its config, randomly initialised.
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model

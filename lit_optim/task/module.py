@@ -1,0 +1,42 @@
+"""`LanguageModelTask`: next-token training for the built-in TinyLM or a Hugging Face causal LM, via OptimizerMixin."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from lit_optim.mixin import OptimizerMixin
+from lit_optim.task.models import build_model
+
+
+class LanguageModelTask(OptimizerMixin, L.LightningModule):
+    def __init__(
+        self,
+        model: Mapping[str, Any] | None = None,
+        optim: str | Mapping[str, Any] | None = "adamw_torch",
+        scheduler: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(optim=optim, scheduler=scheduler)
+        self.save_hyperparameters()
+        self.model_config = dict(model or {"arch": "tiny"})
+        self.model = build_model(self.model_config)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = self.model(tokens)
+        return out.logits if hasattr(out, "logits") else out
+
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        logits = self(batch[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("val/loss", self._loss(batch), prog_bar=True)

@@ -1,0 +1,76 @@
+"""The Hydra entry point behind `lit-optim train`: config -> module, data, callbacks, logger, Trainer -> fit.
+
+Everything the config can get wrong is caught while the objects are built, before the Trainer starts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_warn
+from omegaconf import DictConfig, OmegaConf
+
+from lit_optim.task.module import LanguageModelTask
+
+log = logging.getLogger("lit_optim")
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def build_logger(cfg: DictConfig | None):
+    """Instantiate the configured logger; a missing or failing W&B falls back to CSV instead of stopping the run."""
+    if not cfg or "_target_" not in cfg:
+        return False
+    if "Wandb" in cfg._target_:
+        if importlib.util.find_spec("wandb") is None:
+            rank_zero_warn("logger=wandb but wandb is not installed (pip install wandb); logging to CSV instead.")
+            return L.pytorch.loggers.CSVLogger(save_dir=cfg.get("save_dir") or ".", name="csv")
+        try:
+            logger = instantiate(cfg)
+            logger.experiment  # starts the run now, so a failure surfaces here and not mid-training
+            return logger
+        except Exception as err:  # W&B must never stop training
+            rank_zero_warn(f"W&B could not start ({type(err).__name__}: {err}); logging to CSV instead.")
+            return L.pytorch.loggers.CSVLogger(save_dir=cfg.get("save_dir") or ".", name="csv")
+    return instantiate(cfg)
+
+
+def build_run(cfg: DictConfig):
+    """Everything `train` needs, constructed (and validated) but not started."""
+    L.seed_everything(cfg.seed, workers=True)
+    module = LanguageModelTask(
+        model=_container(cfg.model),
+        optim=_container(cfg.optim),
+        scheduler=_container(cfg.scheduler) if cfg.get("scheduler") else None,
+    )
+    datamodule = instantiate(cfg.data)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    logger = build_logger(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    if logger:
+        trainer.logger.log_hyperparams({"config": _container(cfg)})
+    return module, datamodule, trainer
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    module, datamodule, trainer = build_run(cfg)
+    if not cfg.get("validate", True):
+        trainer.limit_val_batches = 0
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    log.info("final metrics: %s", metrics)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="pkg://lit_optim.conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    # Returned for Hydra sweepers (e.g. optuna) that optimise a scalar.
+    return metrics.get("val/loss", metrics.get("train/loss"))
