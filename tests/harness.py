@@ -1,0 +1,108 @@
+"""Real Lightning runs of the built-in task, shared by the per-optimizer tests.
+
+`run_task` trains the tiny LM for a few steps; `resume_matches` trains N steps straight, then the same run resumed
+from the checkpoint taken half-way, and compares parameters and optimizer state exactly.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lit_optim.task.data import SyntheticTextDataModule
+from lit_optim.task.module import LanguageModelTask
+
+TINY_MODEL = {"arch": "tiny", "vocab_size": 256, "d_model": 64, "n_layers": 2, "n_heads": 2, "max_seq_len": 32}
+
+
+class LossRecorder(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def make_module(optim: dict[str, Any], scheduler: dict | None = None, model: dict | None = None):
+    return LanguageModelTask(model=model or TINY_MODEL, optim=optim, scheduler=scheduler)
+
+
+def make_data(**kw) -> SyntheticTextDataModule:
+    return SyntheticTextDataModule(**{"vocab_size": 256, "seq_len": 32, "batch_size": 8, "train_tokens": 16384,
+                                      "val_tokens": 1024, **kw})
+
+
+def run_task(
+    optim: dict[str, Any],
+    steps: int,
+    *,
+    tmp_path: Path | None = None,
+    ckpt_path: str | None = None,
+    checkpoint_every: int | None = None,
+    scheduler: dict | None = None,
+    model: dict | None = None,
+    callbacks: list | None = None,
+    seed: int = 0,
+    **trainer_kw: Any,
+):
+    """Fit for `steps` optimizer steps on CPU; returns (module, trainer, losses)."""
+    L.seed_everything(seed, verbose=False)
+    module = make_module(optim, scheduler, model)
+    recorder = LossRecorder()
+    cbs = [recorder, *(callbacks or [])]
+    if checkpoint_every:
+        cbs.append(ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=checkpoint_every,
+                                   save_top_k=-1, filename="{step}"))
+    trainer = L.Trainer(
+        max_steps=steps, accelerator=trainer_kw.pop("accelerator", "cpu"), devices=1, logger=False,
+        enable_checkpointing=bool(checkpoint_every), enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, callbacks=cbs, **trainer_kw,
+    )
+    trainer.fit(module, make_data(), ckpt_path=ckpt_path, weights_only=True)
+    return module, trainer, recorder.losses
+
+
+def _flatten_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor | Any]:
+    """Every value of the optimizer state in param order, tensor subclasses unwrapped to their inner tensors."""
+    from lit_optim.state_bytes import leaf_tensors, state_tensors
+
+    out = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key in sorted(state):
+                for t in state_tensors(state[key]):
+                    out.extend((key, leaf.detach().cpu()) for leaf in leaf_tensors(t))
+                if not isinstance(state[key], (torch.Tensor, dict, list, tuple)):
+                    out.append((key, state[key]))
+    return out
+
+
+def states_equal(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> bool:
+    fa, fb = _flatten_state(a), _flatten_state(b)
+    if len(fa) != len(fb):
+        return False
+    for (ka, va), (kb, vb) in zip(fa, fb):
+        if ka != kb:
+            return False
+        if isinstance(va, torch.Tensor):
+            if not (isinstance(vb, torch.Tensor) and va.dtype == vb.dtype and torch.equal(va, vb)):
+                return False
+        elif va != vb:
+            return False
+    return True
+
+
+def resume_matches(optim: dict[str, Any], tmp_path: Path, steps: int = 12, **kw) -> tuple[bool, bool, list[float]]:
+    """(parameters equal, optimizer state equal, losses of the straight run) for straight vs. resumed half-way."""
+    straight, t1, losses = run_task(optim, steps, tmp_path=tmp_path, checkpoint_every=steps // 2, **kw)
+    ckpt = glob.glob(str(tmp_path / "ckpt" / f"step={steps // 2}.ckpt"))
+    assert ckpt, f"no checkpoint at step {steps // 2}: {list((tmp_path / 'ckpt').glob('*'))}"
+    resumed, t2, _ = run_task(optim, steps, tmp_path=tmp_path / "resumed", ckpt_path=ckpt[0], **kw)
+    params_equal = all(torch.equal(x, y) for x, y in zip(straight.parameters(), resumed.parameters()))
+    return params_equal, states_equal(t1.optimizers[0], t2.optimizers[0]), losses
