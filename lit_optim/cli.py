@@ -40,10 +40,12 @@ def optimizer_table(pattern: str | None = None, markdown: bool = False) -> str:
             "yes" if avail.ok else f"no: {avail.reason}",
         ])
     if markdown:
-        rows = [[r[0], r[1], r[2], r[3], r[4]] for r in rows]
         head = headers[:5]
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        lines += ["| " + " | ".join(f"`{r[0]}`" if i == 0 else r[i] for i in range(len(r))) + " |" for r in rows]
+        for name, row in zip(list_optimizers(pattern), rows):
+            aliases = get_spec(name).aliases
+            cell = f"`{name}`" + (f" (also {', '.join(f'`{a}`' for a in aliases)})" if aliases else "")
+            lines.append("| " + " | ".join([cell, *row[1:5]]) + " |")
         return "\n".join(lines)
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
