@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 
@@ -56,10 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_import_noise()
     if argv and argv[0] == "train":
-        from lit_optim.train import main as train_main
+        from lit_optim import train
 
-        sys.argv = ["lit-optim-train", *argv[1:]]
-        train_main()
+        # Lightning's DDP launcher starts every other rank by re-running `__main__` (as a file, or as a module when
+        # it has a spec, i.e. `python -m lit_optim.cli`) with sys.argv[1:]: point both at the training script.
+        sys.argv = [train.__file__, *argv[1:]]
+        main_module = sys.modules.get("__main__")
+        if getattr(main_module, "__spec__", None) is not None:
+            main_module.__spec__ = importlib.util.find_spec("lit_optim.train")
+        train.main()
         return 0
     parser = argparse.ArgumentParser(prog="lit-optim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

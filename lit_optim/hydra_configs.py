@@ -29,9 +29,11 @@ def _yaml_value(value):
     return value
 
 
-def render(spec: OptimizerSpec) -> str:
+def render(spec: OptimizerSpec, name: str | None = None) -> str:
+    """The YAML for `spec`, selectable as `optim=<name>` (the spec's name or one of its aliases)."""
+    name = name or spec.name
     args = accepted_arguments(spec)
-    values = {"name": spec.name}
+    values = {"name": name}
     for key, default in args.items():
         if key in _HIDDEN or key in spec.fixed:
             continue
@@ -46,19 +48,21 @@ def render(spec: OptimizerSpec) -> str:
         f" ({spec.bits}-bit{', paged' if spec.paged else ''})" if spec.bits else "") + " vs 8 for fp32 AdamW"
     where = "CUDA only" if spec.requires_cuda or "cpu" not in spec.supports else "CPU or CUDA"
     header = [
-        f"# {spec.name}: {spec.description}",
+        f"# {name}: {spec.description}" if name == spec.name else f"# {name}: alias of {spec.name}. {spec.description}",
         f"# {state}; {where}; backend: {spec.backend}.",
-        f"#   lit-optim train optim={spec.name}" + (f" optim.lr={values['lr']}" if "lr" in values else ""),
+        f"#   lit-optim train optim={name}" + (f" optim.lr={values['lr']}" if "lr" in values else ""),
         "# Generated from the registry by `python -m lit_optim.hydra_configs`; edit the spec, not this file.",
     ]
-    if spec.aliases:
-        header.insert(2, f"# Also known as: {', '.join(spec.aliases)}.")
+    others = [n for n in spec.names if n != name]
+    if others:
+        header.insert(2, f"# Same optimizer as: {', '.join(others)}.")
     body = yaml.safe_dump(values, sort_keys=False, default_flow_style=None)
     return "\n".join(header) + "\n" + body
 
 
 def expected_files() -> dict[str, str]:
-    return {f"{spec.name}.yaml": render(spec) for spec in all_specs()}
+    """One file per registry name and alias, so Hugging Face spellings work on the command line too."""
+    return {f"{name}.yaml": render(spec, name) for spec in all_specs() for name in spec.names}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,3 +74,7 @@ def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     # Returned for Hydra sweepers (e.g. optuna) that optimise a scalar.
     return metrics.get("val/loss", metrics.get("train/loss"))
+
+
+if __name__ == "__main__":
+    main()

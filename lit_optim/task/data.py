@@ -6,12 +6,13 @@ the chain's entropy -- a visible, reproducible fall with no download. Seeded: ev
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 def markov_corpus(num_tokens: int, vocab_size: int, branching: int, seed: int) -> torch.Tensor:
@@ -47,22 +48,20 @@ class TokenWindows(Dataset):
         return self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1]
 
 
-class ResumableShuffle(Sampler[int]):
-    """A permutation per epoch from (seed, epoch), able to resume after the first `skip` indices of an epoch."""
+class ResumableShuffle(DistributedSampler):
+    """Per-epoch permutation from (seed, epoch), sharded by rank, able to resume after `skip` indices of an epoch.
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch, self.skip = size, seed, 0, 0
+    A `DistributedSampler`, so Lightning keeps it under DDP instead of swapping in its own (which cannot resume
+    mid-epoch); on one device it is simply rank 0 of 1.
+    """
 
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
+    def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
 
     def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         skip, self.skip = self.skip, 0
-        return iter(order[skip:])
+        return itertools.islice(super().__iter__(), skip, None)
 
 
 class ResumableLoader(DataLoader):
@@ -72,8 +71,9 @@ class ResumableLoader(DataLoader):
     run continues with exactly the batches an uninterrupted run would have seen.
     """
 
-    def __init__(self, dataset: Dataset, *, batch_size: int, seed: int, **kwargs) -> None:
-        super().__init__(dataset, batch_size=batch_size, sampler=ResumableShuffle(len(dataset), seed),
+    def __init__(self, dataset: Dataset, *, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0,
+                 **kwargs) -> None:
+        super().__init__(dataset, batch_size=batch_size, sampler=ResumableShuffle(dataset, seed, num_replicas, rank),
                          drop_last=True, **kwargs)
         self.batches_seen = 0
 
@@ -107,8 +107,10 @@ class SyntheticTextDataModule(L.LightningDataModule):
         self.val_set = TokenWindows(tokens[h.train_tokens :], h.seq_len)
 
     def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
         return ResumableLoader(self.train_set, batch_size=self.hparams.batch_size, seed=self.hparams.seed,
-                               num_workers=self.hparams.num_workers)
+                               num_replicas=trainer.world_size if trainer else 1,
+                               rank=trainer.global_rank if trainer else 0, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)

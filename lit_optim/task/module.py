@@ -39,4 +39,4 @@ class LanguageModelTask(OptimizerMixin, L.LightningModule):
         return loss
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self.log("val/loss", self._loss(batch), prog_bar=True)
+        self.log("val/loss", self._loss(batch), prog_bar=True, sync_dist=True)
