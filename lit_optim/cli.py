@@ -12,11 +12,7 @@ import importlib.util
 import logging
 import sys
 
-
-def _quiet_import_noise() -> None:
-    # torchao warns about optional CUDA kernels it cannot load on CPU-only machines; irrelevant to optimizers.
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+from lit_optim.noise import quiet_import_noise
 
 
 def optimizer_table(pattern: str | None = None, markdown: bool = False) -> str:
@@ -55,7 +51,7 @@ def optimizer_table(pattern: str | None = None, markdown: bool = False) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_import_noise()
+    quiet_import_noise()
     if argv and argv[0] == "train":
         from lit_optim import train
 

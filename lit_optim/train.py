@@ -15,7 +15,11 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
-from lit_optim.task.module import LanguageModelTask
+from lit_optim.noise import quiet_import_noise
+
+quiet_import_noise()  # before the backends are imported below
+
+from lit_optim.task.module import LanguageModelTask  # noqa: E402
 
 log = logging.getLogger("lit_optim")
 
