@@ -45,3 +45,7 @@ class HyperparameterError(LitOptimError, TypeError):
 
 class IncompatibleConfigError(LitOptimError, ValueError):
     """A combination of settings that is known not to work."""
+
+
+class MissingPathError(LitOptimError, FileNotFoundError):
+    """A path in the config (weights, tokenizer, data) that does not exist or holds nothing usable."""

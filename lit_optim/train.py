@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
 from typing import Any
 
 import hydra
@@ -15,6 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
+from lit_optim.errors import LitOptimError
 from lit_optim.noise import quiet_import_noise
 
 quiet_import_noise()  # before the backends are imported below
@@ -75,7 +77,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="pkg://lit_optim.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except Exception as err:
+        # A configuration problem, found before step 1: one line that names it and the fix, no traceback. Hydra's
+        # instantiate wraps errors from the objects it builds (data module, callbacks), so look through the chain.
+        cause = err
+        while cause is not None and not isinstance(cause, LitOptimError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        print(f"lit-optim: {cause}", file=sys.stderr)
+        sys.exit(2)
     # Returned for Hydra sweepers (e.g. optuna) that optimise a scalar.
     return metrics.get("val/loss", metrics.get("train/loss"))
 

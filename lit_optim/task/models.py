@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from lit_optim.errors import BackendNotInstalledError, HyperparameterError
+from lit_optim.errors import BackendNotInstalledError, HyperparameterError, MissingPathError
 from lit_optim.task.tiny_lm import TinyLM
 
 
@@ -35,8 +35,15 @@ def _build_llama(cfg: dict[str, Any]) -> nn.Module:
     pretrained = cfg.pop("pretrained", None)
     gradient_checkpointing = cfg.pop("gradient_checkpointing", False)
     dtype = cfg.pop("dtype", None)
-    if pretrained and os.path.isdir(os.path.expanduser(str(pretrained))):
-        model = transformers.AutoModelForCausalLM.from_pretrained(os.path.expanduser(str(pretrained)), dtype=dtype)
+    if pretrained:
+        path = os.path.expanduser(str(pretrained))
+        if not os.path.isdir(path):
+            # Never fall back to random weights silently when weights were asked for.
+            raise MissingPathError(
+                f"model.pretrained={str(pretrained)!r} is not a directory. Give a local model directory (config.json + "
+                f"*.safetensors; nothing is downloaded), or model.pretrained=null for random weights."
+            )
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     else:
         # No weights here: the architecture from its config, randomly initialised.
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
