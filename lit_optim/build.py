@@ -23,8 +23,10 @@ from lit_optim.spec import CPU, OptimizerSpec
 
 log = logging.getLogger("lit_optim")
 
-# Keys that shape the param groups rather than go to the optimizer's constructor.
-GROUP_KEYS = ("no_decay", "lr_scales")
+# Keys that shape the param groups (or how the optimizer is stepped) rather than go to the optimizer's constructor.
+# in_backward: step each parameter in its gradient hook (lit_optim/optimizers/in_backward.py); clip_per_param_norm
+# is taken with it.
+GROUP_KEYS = ("no_decay", "lr_scales", "in_backward")
 
 
 @dataclass
@@ -113,8 +115,15 @@ def check_available(spec: OptimizerSpec) -> None:
 
 
 def accepted_arguments(spec: OptimizerSpec) -> dict[str, Any]:
-    """Constructor arguments of the spec's class with their defaults (``inspect.Parameter.empty`` if required)."""
-    sig = inspect.signature(spec.load_class().__init__)
+    """Constructor arguments of the spec's class with their defaults (``inspect.Parameter.empty`` if required).
+
+    A class may define ``accepted_arguments_for(spec)`` when they depend on the name (composites such as GaLore take
+    their inner optimizer's arguments too).
+    """
+    cls = spec.load_class()
+    if hasattr(cls, "accepted_arguments_for"):
+        return dict(cls.accepted_arguments_for(spec))
+    sig = inspect.signature(cls.__init__)
     skip = {"self", "params", "args", "param_info"}
     return {
         n: p.default for n, p in sig.parameters.items()
@@ -152,6 +161,10 @@ def resolve_hyperparameters(spec: OptimizerSpec, hyperparameters: Mapping[str, A
     hp = {k: _plain(v) for k, v in hyperparameters.items()}
     accepted = accepted_arguments(spec)
     group_opts = {k: hp.pop(k) for k in GROUP_KEYS if k in hp}
+    if "in_backward" in group_opts:
+        from lit_optim.optimizers.in_backward import check_in_backward_options
+
+        check_in_backward_options(spec, group_opts, hp)
     if spec.embedding_state_32bit:
         group_opts["embedding_state_32bit"] = hp.pop("embedding_state_32bit", True)
     implied = dict(spec.fixed)
@@ -241,12 +254,22 @@ def build_optimizer(
     if "weight_decay" in accepted:
         kwargs["weight_decay"] = wd or 0.0
     ctor_kwargs = {**kwargs, **spec.fixed}
-    if spec.builder is not None:
+    built_spec = spec
+    if group_opts.get("in_backward"):
+        from lit_optim.optimizers.in_backward import build_in_backward, in_backward_spec
+
+        optimizer = build_in_backward(
+            plan.groups, spec, ctor_kwargs, BuildContext(plan), clip_per_param_norm=group_opts.get("clip_per_param_norm"),
+            embedding_state_32bit=bool(group_opts.pop("embedding_state_32bit", False)),
+        )
+        built_spec = in_backward_spec(spec)
+    elif spec.builder is not None:
         optimizer = spec.builder(plan.groups, spec, ctor_kwargs, BuildContext(plan))
     else:
         optimizer = spec.load_class()(plan.groups, **ctor_kwargs)
-    _verify(optimizer, spec)
-    info = BuildInfo(spec.name, spec, {**kwargs, "weight_decay": wd}, plan)
+    if built_spec is spec:
+        _verify(optimizer, spec)
+    info = BuildInfo(spec.name, built_spec, {**kwargs, "weight_decay": wd}, plan)
     if group_opts.get("embedding_state_32bit"):
         info.embedding_32bit_params = _keep_embeddings_32bit(optimizer, plan)
     optimizer.lit_optim = info

@@ -4,7 +4,8 @@
 - schedule-free optimizers follow the module: `optimizer.train()` while training, `.eval()` for validation, at the end
   and around checkpoints' evaluation weights;
 - bitsandbytes paged optimizers get their state put back into paged memory after a resume (its `load_state_dict`
-  copies state into ordinary device tensors).
+  copies state into ordinary device tensors);
+- optimizers that step in backward log the gradient norm they measured (`grad_norm`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,15 @@ class OptimizerLifecycle(Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         _set_mode(trainer, True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # In-backward optimizers release each gradient as it is used, so nothing can compute the gradient norm after
+        # backward; they keep it themselves (before clipping), and it is logged here as `grad_norm`.
+        for opt, _ in _built(trainer):
+            pop = getattr(opt, "pop_grad_norm", None)
+            norm = pop() if callable(pop) else None
+            if norm is not None:
+                pl_module.log("grad_norm", norm.detach().float().to(pl_module.device), on_step=True, on_epoch=False)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         _set_mode(trainer, False)

@@ -94,6 +94,10 @@ class OptimizerMixin:
         info = optimizer.lit_optim
         trainer = self._trainer
         if trainer is not None:
+            # Optimizers with their own Trainer requirements (in-backward) say so first, with specific reasons.
+            check = getattr(optimizer, "check_trainer", None)
+            if callable(check):
+                check(trainer, self)
             check_trainer_compatibility(info.spec, trainer, self.device.type)
         rank_zero_info(f"lit_optim: {name} -> {info.spec.target.replace(':', '.')}; {info.plan.summary()}")
         if info.embedding_32bit_params:

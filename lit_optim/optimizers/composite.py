@@ -1,0 +1,190 @@
+"""Optimizers made of other optimizers, seen from outside as one ordinary optimizer.
+
+GaLore and APOLLO step an inner optimizer on low-rank stand-ins of the weights; optimizer-in-backward steps one
+optimizer per parameter. Lightning, the LR schedulers, the checkpoint and the state-bytes callbacks must still see one
+optimizer whose ``param_groups`` hold the model's parameters and whose ``state[p]`` is the real state of ``p``.
+
+`CompositeOptimizer` provides that. Each real parameter is *routed* to (sub-optimizer, key tensor): the key is the
+parameter itself, or the stand-in the sub-optimizer steps instead. ``self.state[p]`` is the very dict the sub-optimizer
+keeps for its key, so in-place edits (Lightning moving state to a device) reach the state that is used. Keys the
+composite adds itself (projector state) start with ``own_prefix`` and live in the same dict. ``state_dict()`` is
+PyTorch's (it packs ``self.state`` by parameter index); ``load_state_dict`` hands each entry back to the sub-optimizer
+that owns it, so each backend casts and places its own state the way it always does (bitsandbytes' uint8 codes,
+torchao's quantized subclasses), and then re-links.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from itertools import chain
+from typing import Any
+
+import torch
+
+from lit_optim.errors import HyperparameterError
+
+
+def as_groups(params) -> list[dict]:
+    groups = list(params)
+    if not groups:
+        raise HyperparameterError("The optimizer got no parameters.")
+    if not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    return [{**g, "params": list(g["params"])} for g in groups]
+
+
+def set_group_value(group: dict, key: str, value: Any) -> None:
+    """Write a hyperparameter into a sub-optimizer's group; torchao keeps ``lr`` as a tensor that must be filled."""
+    current = group.get(key)
+    if isinstance(current, torch.Tensor):
+        current.fill_(float(value))
+    else:
+        group[key] = value
+
+
+def build_sub_optimizer(spec, groups: list[dict], kwargs: Mapping[str, Any], context=None,
+                        fp32_state_params: Iterable[torch.Tensor] = ()) -> torch.optim.Optimizer:
+    """Build the registry optimizer `spec` over `groups` (constructor defaults: the spec's, then `kwargs`).
+
+    bitsandbytes optimizers get a private override manager: its process-wide ``GlobalOptimManager`` keys overrides by
+    (group index, parameter index), which every one of our many small sub-optimizers shares, so one override (an
+    embedding kept at 32 bits) would leak into all of them. ``fp32_state_params`` keep 32-bit state there.
+    """
+    ctor = {**spec.defaults, **dict(kwargs), **spec.fixed}
+    if spec.builder is not None:
+        opt = spec.builder(groups, spec, ctor, context)
+    else:
+        opt = spec.load_class()(groups, **ctor)
+    if spec.backend == "bitsandbytes":
+        _private_bnb_manager(opt, fp32_state_params)
+    from lit_optim.build import _verify  # the object must be what the inner name claims (class, bits, paging)
+
+    _verify(opt, spec)
+    return opt
+
+
+def _private_bnb_manager(opt, fp32_state_params: Iterable[torch.Tensor]) -> None:
+    import bitsandbytes as bnb
+
+    manager_cls = bnb.optim.GlobalOptimManager
+    mng = manager_cls.__new__(manager_cls)
+    mng.initialize()
+    for p in fp32_state_params:
+        mng.pid2config[id(p)] = {"optim_bits": 32}
+    opt.mng = mng
+
+
+def share_bnb_qmaps(subs: Iterable[torch.optim.Optimizer]) -> None:
+    """Let bitsandbytes sub-optimizers share one set of quantization maps (read-only tables), as one optimizer does."""
+    shared: dict[str, torch.Tensor] | None = None
+    for opt in _leaves(subs):
+        maps = getattr(opt, "name2qmap", None)
+        if not maps:
+            continue
+        if shared is None:
+            shared = maps
+            continue
+        by_value = {}
+        for name, table in maps.items():
+            if name in shared and shared[name].device == table.device and torch.equal(shared[name], table):
+                by_value[id(table)] = shared[name]
+                maps[name] = shared[name]
+        for state in opt.state.values():
+            for key, value in list(state.items()):
+                if isinstance(value, torch.Tensor) and key.startswith("qmap"):
+                    for table in shared.values():
+                        if value is not table and value.shape == table.shape and value.device == table.device \
+                                and torch.equal(value, table):
+                            state[key] = table
+                            break
+
+
+def _leaves(optimizers: Iterable[torch.optim.Optimizer]):
+    for opt in optimizers:
+        if hasattr(opt, "sub_optimizers"):
+            yield from _leaves(opt.sub_optimizers())
+        else:
+            yield opt
+
+
+class CompositeOptimizer(torch.optim.Optimizer):
+    """Base for optimizers that delegate each parameter's state to a sub-optimizer (see the module docstring)."""
+
+    own_prefix = "proj_"
+
+    # --- subclasses implement -------------------------------------------------------------------------------------
+    def _route(self, p: torch.Tensor) -> tuple[torch.optim.Optimizer, torch.Tensor]:
+        raise NotImplementedError
+
+    def sub_optimizers(self) -> list[torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def _after_load(self) -> None:
+        """Hook for subclasses (re-share tables, re-sync groups)."""
+
+    # --- state routing ---------------------------------------------------------------------------------------------
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _link(self, p: torch.Tensor, own: Mapping[str, Any] | None = None) -> dict | None:
+        """Make ``self.state[p]`` the sub-optimizer's dict for p's key (adding `own` entries); None if it has none."""
+        sub, key = self._route(p)
+        state = sub.state.get(key)
+        if state is None and own:
+            state = sub.state[key]
+        if state is None:
+            return None
+        if own:
+            state.update(own)
+        if self.state.get(p) is not state:
+            self.state[p] = state
+        return state
+
+    def _own_state(self, p: torch.Tensor, pending: dict) -> dict:
+        """Where the composite's own entries for p live: the linked dict, or `pending` until the sub has state."""
+        state = self.state.get(p)
+        return state if state is not None else pending.setdefault(p, {})
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        if len(groups) != len(saved_groups) or any(
+            len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)
+        ):
+            raise ValueError(
+                f"{type(self).__name__}: the saved optimizer state has different param groups "
+                f"({[len(s['params']) for s in saved_groups]} params) than this optimizer "
+                f"({[len(g['params']) for g in groups]}); was the model or the optimizer configuration changed?"
+            )
+        for group, saved in zip(groups, saved_groups):
+            for key, value in saved.items():
+                if key != "params":
+                    group[key] = value
+        id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups), self._params()))
+        per_sub: dict[int, tuple[torch.optim.Optimizer, dict]] = {}
+        own: dict[torch.Tensor, dict] = {}
+        for saved_id, entry in state_dict["state"].items():
+            p = id_map[saved_id]
+            sub, key = self._route(p)
+            mine = {k: v for k, v in entry.items() if isinstance(k, str) and k.startswith(self.own_prefix)}
+            theirs = {k: v for k, v in entry.items() if k not in mine}
+            own[p] = {k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in mine.items()}
+            if theirs:
+                per_sub.setdefault(id(sub), (sub, {}))[1][key] = theirs
+        for sub in self.sub_optimizers():
+            entries = per_sub.get(id(sub), (sub, {}))[1]
+            _load_partial(sub, entries)
+        self.state = defaultdict(dict)
+        for p in self._params():
+            self._link(p, own.get(p))
+        self._after_load()
+
+
+def _load_partial(sub: torch.optim.Optimizer, entries: Mapping[torch.Tensor, dict]) -> None:
+    """Load `entries` (key tensor -> state) into `sub` through its own `load_state_dict` (its dtype/device policy)."""
+    index = {id(t): i for i, t in enumerate(chain.from_iterable(g["params"] for g in sub.param_groups))}
+    current = sub.state_dict()
+    sub.load_state_dict({
+        "state": {index[id(k)]: dict(v) for k, v in entries.items()},
+        "param_groups": current["param_groups"],
+    })

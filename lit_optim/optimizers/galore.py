@@ -1,0 +1,55 @@
+"""GaLore (Zhao et al., 2024): gradient low-rank projection around any inner optimizer of the registry.
+
+Every ``update_proj_gap`` steps the projector of a targeted weight is refreshed from the SVD of its current gradient
+(top-``rank`` singular vectors on the side ``proj_type`` chooses); in between, the gradient is projected to R, the inner
+optimizer (AdamW, 8-bit AdamW, Adafactor, ...) steps on R in the low-rank space, and its update is projected back and
+scaled by ``scale``: W += scale * P U. The inner optimizer's moments live in the low-rank space: for an m x n weight
+(m <= n, "std") GaLore keeps m*r projector elements plus the inner's state of an r x n tensor, instead of the inner's
+state of m x n. Defaults are Hugging Face's: rank 128, update_proj_gap 200, scale 0.25, proj_type "std".
+"""
+
+from __future__ import annotations
+
+from lit_optim.errors import HyperparameterError
+from lit_optim.optimizers.lowrank import LowRankOptimizer
+from lit_optim.optimizers.projection import add_back_projection, svd_factors
+
+
+class GaLore(LowRankOptimizer):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        rank: int = 128,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        target_modules=None,
+        inner: str = "adamw_torch",
+        inner_kwargs=None,
+        embedding_state_32bit: bool = True,
+        *,
+        targets=None,
+        context=None,
+        fp32_state_params=(),
+    ) -> None:
+        if targets is None and target_modules is not None:
+            raise HyperparameterError("target_modules needs module names: build GaLore with "
+                                      "lit_optim.build_optimizer(model, 'galore_adamw', target_modules=...).")
+        defaults = {"lr": lr, "weight_decay": weight_decay, "rank": int(rank), "update_proj_gap": int(update_proj_gap),
+                    "scale": float(scale), "proj_type": proj_type}
+        super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, targets=targets, context=context,
+                         fp32_state_params=fp32_state_params)
+
+    def _factors(self, p, group, grad, own, step, side):
+        if step % int(group["update_proj_gap"]) == 0 or not any(k in own for k in ("proj_left", "proj_right")):
+            left, right = svd_factors(grad, group["rank"], side)
+            for key, value in (("proj_left", left), ("proj_right", right)):
+                if value is not None:
+                    own[key] = value
+        return own.get("proj_left"), own.get("proj_right")
+
+    def _apply(self, p, group, grad, projected, update, left, right, side, own) -> None:
+        # The shadow started at zero, so `update` is the inner optimizer's whole step (learning rate included).
+        add_back_projection(p, update, left, right, alpha=float(group["scale"]))

@@ -1,0 +1,272 @@
+"""Optimizer-in-backward for any registry optimizer: each parameter steps as soon as its gradient is complete.
+
+One sub-optimizer per parameter (the registry name's own class, or a one-parameter GaLore/APOLLO) steps inside a
+``register_post_accumulate_grad_hook`` hook, and the gradient is released right after, so at most a few gradients are
+alive at once instead of all of them.
+
+Stepping happens only inside the *stepping window*: while ``optimizer.step(closure)`` runs its closure (which is how
+Lightning's automatic optimization calls every optimizer: the closure runs training_step and backward), or inside
+``with optimizer.stepping():``. A backward outside the window only accumulates gradients -- that is how gradient
+accumulation works: Lightning runs the first micro-batches' closures directly and only the last one inside
+``optimizer.step``. ``step()`` itself is otherwise a no-op, except that it steps any parameter whose gradient was
+not consumed in backward (a backward outside the window, e.g. manual optimization's ``manual_backward`` followed by
+``opt.step()``, or a parameter the last micro-batch did not touch), so results are right in every use; the memory
+saving needs the backward inside the window.
+
+What Lightning and the callbacks see is ordinary: ``param_groups`` are the model's (the LR scheduler edits them and
+each sub-optimizer gets the group's learning rate before it steps), ``state[p]`` is the sub-optimizer's real state,
+``state_dict``/``load_state_dict`` round-trip it exactly, and the global gradient norm (before clipping) is kept in
+``last_grad_norm`` (lit_optim's callback logs it as ``grad_norm``).
+
+Not possible in backward, and refused before training by `check_trainer`: global-norm gradient clipping (the global
+norm is known only after the last gradient, and every earlier parameter has stepped by then -- use
+``clip_per_param_norm``), DDP/FSDP (their gradient reduction runs in their own hooks after ours: ranks would step on
+unreduced gradients), and fp16 loss scaling (GradScaler unscales only after backward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from lit_optim.errors import HyperparameterError, IncompatibleConfigError
+from lit_optim.optimizers.composite import (
+    CompositeOptimizer,
+    as_groups,
+    build_sub_optimizer,
+    set_group_value,
+    share_bnb_qmaps,
+)
+from lit_optim.spec import CPU, GRAD_ACCUM
+
+IN_BACKWARD_SUPPORTS = frozenset({CPU, GRAD_ACCUM})
+_GROUP_SYNC = ("lr", "weight_decay")
+
+
+def _hook(ref: weakref.ref) -> Callable[[torch.Tensor], None]:
+    def hook(p: torch.Tensor) -> None:
+        opt = ref()
+        if opt is not None and opt._in_window:
+            opt._step_param(p)
+
+    return hook
+
+
+class InBackwardOptimizer(CompositeOptimizer):
+    """Steps one sub-optimizer per parameter from the backward pass (see the module docstring)."""
+
+    def __init__(self, params, make_sub: Callable[[dict], torch.optim.Optimizer], *,
+                 clip_per_param_norm: float | None = None, defaults: Mapping[str, Any] | None = None) -> None:
+        groups = as_groups(params)
+        if clip_per_param_norm is not None and (isinstance(clip_per_param_norm, bool) or clip_per_param_norm <= 0):
+            raise HyperparameterError(f"clip_per_param_norm must be a positive number; got {clip_per_param_norm!r}.")
+        super().__init__(groups, {"lr": 1e-3, **dict(defaults or {})})
+        self.clip_per_param_norm = None if clip_per_param_norm is None else float(clip_per_param_norm)
+        self._subs: dict[int, torch.optim.Optimizer] = {}
+        self._group_of: dict[int, int] = {}
+        for gi, g in enumerate(self.param_groups):
+            hp = {k: v for k, v in g.items() if k != "params"}
+            for p in g["params"]:
+                self._group_of[id(p)] = gi
+                self._subs[id(p)] = make_sub({**hp, "params": [p]})
+        share_bnb_qmaps(self.sub_optimizers())
+        self._in_window = False
+        self._sq_norm: torch.Tensor | None = None
+        self.last_grad_norm: torch.Tensor | None = None
+        self._norm_unlogged = False
+        ref = weakref.ref(self)
+        self._handles = [p.register_post_accumulate_grad_hook(_hook(ref)) for p in self._params()]
+
+    @classmethod
+    def accepted_arguments_for(cls, spec) -> dict[str, Any]:
+        """``<name>_layerwise``: the base name's hyperparameters plus clip_per_param_norm; subclasses: their own."""
+        if "base" in spec.fixed:
+            return _layerwise_arguments(spec)
+        import inspect
+
+        sig = inspect.signature(cls.__init__)
+        return {n: q.default for n, q in sig.parameters.items()
+                if n not in ("self", "params", "make_sub", "defaults")
+                and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)}
+
+    # --- composite plumbing ---------------------------------------------------------------------------------------
+    def _route(self, p):
+        return self._subs[id(p)], p
+
+    def sub_optimizers(self) -> list[torch.optim.Optimizer]:
+        return list(self._subs.values())
+
+    def _after_load(self) -> None:
+        share_bnb_qmaps(self.sub_optimizers())
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # --- stepping -------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stepping(self):
+        """Backward passes inside this block step each parameter as its gradient completes."""
+        previous, self._in_window = self._in_window, True
+        try:
+            yield self
+        finally:
+            self._in_window = previous
+
+    @torch.no_grad()
+    def _step_param(self, p: torch.Tensor) -> None:
+        grad = p.grad
+        if grad is None:
+            return
+        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        sq = norm.square()
+        self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq.to(self._sq_norm.device)
+        if self.clip_per_param_norm is not None:
+            grad.mul_((self.clip_per_param_norm / (norm + 1e-6)).clamp_(max=1.0).to(grad.dtype))
+        group = self.param_groups[self._group_of[id(p)]]
+        sub = self._subs[id(p)]
+        for sg in sub.param_groups:
+            for key in _GROUP_SYNC:
+                if key in group and key in sg:
+                    set_group_value(sg, key, group[key])
+        sub.step()
+        p.grad = None
+        self._link(p)
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with self.stepping(), torch.enable_grad():
+                loss = closure()
+        for p in self._params():  # gradients not consumed in backward (see the module docstring)
+            if p.grad is not None:
+                self._step_param(p)
+        if self._sq_norm is not None:
+            self.last_grad_norm = self._sq_norm.sqrt()
+            self._norm_unlogged = True
+        self._sq_norm = None
+        return loss
+
+    def pop_grad_norm(self) -> torch.Tensor | None:
+        """The global gradient norm of the last step, once (for logging); None if already taken or no step yet."""
+        if not self._norm_unlogged:
+            return None
+        self._norm_unlogged = False
+        return self.last_grad_norm
+
+    # --- Lightning ------------------------------------------------------------------------------------------------
+    def check_trainer(self, trainer, pl_module=None) -> None:
+        """Refuse, before step 1, the Trainer settings in-backward cannot honour -- with the reason and the fix."""
+        from lightning.pytorch.strategies import SingleDeviceStrategy
+
+        name = getattr(getattr(self, "lit_optim", None), "name", type(self).__name__)
+        problems = []
+        if trainer.gradient_clip_val:
+            problems.append(
+                "Trainer(gradient_clip_val=...) clips by the global gradient norm, which is known only after the last "
+                "gradient of the backward pass -- but in-backward has stepped every earlier parameter and freed its "
+                "gradient by then. Remove gradient_clip_val and use the hyperparameter clip_per_param_norm=<max "
+                "norm>, which clips each parameter's gradient to that norm before it steps"
+            )
+        if not isinstance(trainer.strategy, SingleDeviceStrategy):
+            problems.append(
+                f"strategy {type(trainer.strategy).__name__} reduces gradients across processes in its own "
+                "autograd hooks (DDP all-reduces in buckets; FSDP reduce-scatters), which run after the "
+                "post-accumulate-grad hook that steps the parameter: each rank would step on its local, unreduced "
+                "gradient and the replicas would drift apart. Train on one device, or use the name without "
+                "in-backward under DDP"
+            )
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            problems.append(
+                "precision '16-mixed' uses a GradScaler, which unscales gradients and skips inf/nan steps only after "
+                "backward -- too late for parameters that stepped during it. Use precision='bf16-mixed' or "
+                "'bf16-true'"
+            )
+        if problems:
+            raise IncompatibleConfigError(f"Optimizer {name!r} steps in backward and cannot run with this Trainer: "
+                                          + "; ".join(problems) + ".")
+
+
+# --- building ------------------------------------------------------------------------------------------------------
+def in_backward_spec(spec):
+    """The spec of `spec` stepped in backward: same state theory, narrower support."""
+    return dataclasses.replace(spec, supports=spec.supports & IN_BACKWARD_SUPPORTS)
+
+
+def check_in_backward_base(spec) -> None:
+    if spec.train_eval_switch:
+        raise HyperparameterError(
+            f"{spec.name!r} is schedule-free: its train()/eval() parameter swap is not supported in backward; use it "
+            "without in_backward."
+        )
+    if spec.target.endswith(":InBackwardOptimizer") or issubclass(spec.load_class(), InBackwardOptimizer):
+        raise HyperparameterError(f"{spec.name!r} already steps in backward.")
+
+
+def check_in_backward_options(spec, group_opts: dict, hp: dict) -> None:
+    """Validate ``in_backward`` (popped into `group_opts`) and move ``clip_per_param_norm`` there with it."""
+    flag = group_opts["in_backward"]
+    if not isinstance(flag, bool):
+        raise HyperparameterError(f"in_backward must be true or false; got {flag!r}.")
+    if issubclass(spec.load_class(), InBackwardOptimizer):
+        if not flag:
+            raise HyperparameterError(f"{spec.name!r} always steps in backward; in_backward=false is not possible "
+                                      "(use the name without _layerwise).")
+        group_opts.pop("in_backward")
+        return
+    if not flag:
+        return
+    check_in_backward_base(spec)
+    if "clip_per_param_norm" in hp:
+        clip = hp.pop("clip_per_param_norm")
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0):
+            raise HyperparameterError(f"clip_per_param_norm must be a positive number; got {clip!r}.")
+        group_opts["clip_per_param_norm"] = clip
+
+
+def build_in_backward(groups, spec, kwargs: Mapping[str, Any], context, *, clip_per_param_norm=None,
+                      embedding_state_32bit: bool = False) -> InBackwardOptimizer:
+    """Per-parameter optimizers of registry spec `spec` (constructor kwargs `kwargs`), stepped in backward."""
+    check_in_backward_base(spec)
+    kwargs = {k: v for k, v in kwargs.items() if k not in spec.fixed}
+    emb = set()
+    if embedding_state_32bit and context is not None:
+        emb = {id(i.param) for i in context.param_info.values() if i.is_embedding}
+
+    def make_sub(group: dict) -> torch.optim.Optimizer:
+        fp32 = [p for p in group["params"] if id(p) in emb]
+        return build_sub_optimizer(spec, [group], kwargs, context, fp32_state_params=fp32)
+
+    lr = kwargs.get("lr", groups[0].get("lr", 1e-3) if groups else 1e-3)
+    # "base" names the registry optimizer each parameter gets (the `_layerwise` names fix it).
+    return InBackwardOptimizer(groups, make_sub, clip_per_param_norm=clip_per_param_norm,
+                               defaults={"lr": lr, "base": spec.name})
+
+
+def layerwise_builder(groups, spec, kwargs: dict, context) -> InBackwardOptimizer:
+    """Builder of the ``<name>_layerwise`` registry names: the base name (``spec.fixed['base']``) in backward."""
+    from lit_optim.registry import get_spec
+
+    kwargs = dict(kwargs)
+    base = get_spec(kwargs.pop("base"))
+    clip = kwargs.pop("clip_per_param_norm", None)
+    emb32 = kwargs.pop("embedding_state_32bit", True) if base.embedding_state_32bit else False
+    return build_in_backward(groups, base, kwargs, context, clip_per_param_norm=clip, embedding_state_32bit=emb32)
+
+
+def _layerwise_arguments(spec) -> dict[str, Any]:
+    from lit_optim.build import accepted_arguments
+    from lit_optim.registry import get_spec
+
+    base = get_spec(spec.fixed["base"])
+    args = dict(accepted_arguments(base))
+    if base.embedding_state_32bit:
+        args["embedding_state_32bit"] = True
+    args["clip_per_param_norm"] = None
+    return args

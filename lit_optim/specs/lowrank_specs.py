@@ -1,0 +1,145 @@
+"""Memory-efficient optimizers lit_optim implements: GaLore around any inner optimizer, APOLLO, Adam-mini, and the
+absolute-lr Adafactor GaLore's Adafactor variant uses.
+
+State theories are per targeted 2-D weight (GaLore/APOLLO project only ``nn.Linear`` weights that are not the
+embedding or the head; every other tensor costs its inner optimizer's own theory). Projected shapes are small, so
+bitsandbytes/torchao inners keep fp32 state for projections under 4096 elements -- the theory says so, because it
+applies the inner's own formula to the projected shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lit_optim import theory
+from lit_optim.registry import get_spec, register
+from lit_optim.spec import CPU, DDP, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
+
+FP32 = theory.FP32
+# FSDP2 shards each weight: a projection (SVD or random), a per-head/per-row block or a factored statistic of a shard
+# is not the one of the whole matrix.
+NO_FSDP = frozenset({CPU, DDP, GRAD_CLIP, GRAD_ACCUM})
+GALORE_DEFAULTS = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+APOLLO_DEFAULTS = {"rank": 128, "update_proj_gap": 200, "scale": 1.0, "proj_type": "std", "scale_type": "channel",
+                   "norm_growth_limit": 1.01}
+
+
+def adafactor_theory(shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
+    """Row and column statistics for a matrix, a full second moment otherwise (no first moment)."""
+    n = 1
+    for s in shape:
+        n *= s
+    return FP32 * (shape[0] + shape[1]) if len(shape) == 2 else FP32 * n
+
+
+def lowrank_theory(inner_name: str | None, defaults: Mapping[str, Any], *, store_factors: bool, extra: float = 0.0):
+    """Per 2-D target: the projection factors (GaLore) + the inner optimizer's theory on the projected shape."""
+
+    def theory_fn(shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
+        from lit_optim.optimizers.projection import factor_elements, projected_shape, projection_side
+
+        hp = {**defaults, **hp}
+        inner = get_spec(inner_name or hp.get("inner") or "adamw_torch")
+        inner_hp = {**inner.defaults, **dict(hp.get("inner_kwargs") or {}), **hp}
+        if len(shape) != 2:
+            return inner.state_bytes(shape, inner_hp)
+        side = projection_side(shape, hp["proj_type"])
+        own = FP32 * factor_elements(shape, hp["rank"], side) if store_factors else 0.0
+        limiter = FP32 if extra and hp.get("norm_growth_limit") else 0.0
+        return own + limiter + inner.state_bytes(projected_shape(shape, hp["rank"], side), inner_hp)
+
+    return theory_fn
+
+
+def _galore(groups, spec, kwargs, context):
+    from lit_optim.optimizers.galore import GaLore
+
+    return GaLore.build(groups, spec, kwargs, context)
+
+
+def _apollo(groups, spec, kwargs, context):
+    from lit_optim.optimizers.apollo import Apollo
+
+    return Apollo.build(groups, spec, kwargs, context)
+
+
+def _adam_mini(groups, spec, kwargs, context):
+    from lit_optim.optimizers.adam_mini import AdamMini
+
+    return AdamMini.build(groups, spec, kwargs, context)
+
+
+register(OptimizerSpec(
+    name="adafactor_hf", backend="lit_optim", target="lit_optim.optimizers.adafactor:Adafactor",
+    state_bytes=adafactor_theory, supports=NO_FSDP, defaults={"lr": 1e-3},
+    description="Adafactor with an absolute learning rate (Hugging Face's relative_step=False, scale_parameter=False): "
+                "factored second moment, update clipping, no first moment.",
+    notes="PyTorch's Adafactor ('adafactor') instead steps min(lr, 1/sqrt(t)) times the parameter's RMS.",
+))
+
+_GALORE_NOTE = ("Targets: nn.Linear weights except embeddings and the head (target_modules: 'all-linear', a regex or "
+                "names, as Hugging Face's optim_target_modules); other tensors get the inner optimizer with the "
+                "normal param groups, weight decay included. State theory is per targeted weight.")
+# name, inner registry name, bits of the inner's bulk state, HF name?
+_GALORE = [
+    ("galore_adamw", "adamw_torch", 32, "GaLore projection around PyTorch AdamW (fp32 low-rank moments)."),
+    ("galore_adamw_8bit", "adamw_bnb_8bit", 8, "GaLore projection around bitsandbytes AdamW8bit (8-bit low-rank "
+                                               "moments where the projection has >= 4096 elements)."),
+    ("galore_adamw_torch_8bit", "adamw_torch_8bit", 8, "GaLore projection around torchao AdamW8bit (8-bit low-rank "
+                                                       "moments where the projection has >= 4096 elements divisible "
+                                                       "by 256)."),
+    ("galore_adamw_4bit", "adamw_torch_4bit", 4, "GaLore projection around torchao AdamW4bit (4-bit low-rank moments "
+                                                 "where the projection has >= 4096 elements divisible by 128)."),
+    ("galore_adafactor", "adafactor_hf", 32, "GaLore projection around Adafactor (absolute lr; factored second "
+                                             "moment of the projection)."),
+]
+for _name, _inner, _bits, _desc in _GALORE:
+    register(OptimizerSpec(
+        name=_name, backend="lit_optim", target="lit_optim.optimizers.galore:GaLore", builder=_galore,
+        fixed={"inner": _inner}, bits=_bits, supports=NO_FSDP, notes=_GALORE_NOTE,
+        state_bytes=lowrank_theory(_inner, GALORE_DEFAULTS, store_factors=True), description=_desc,
+    ))
+register(OptimizerSpec(
+    name="galore", backend="lit_optim", target="lit_optim.optimizers.galore:GaLore", builder=_galore,
+    supports=NO_FSDP, notes=_GALORE_NOTE + " The inner optimizer's own arguments go in inner_kwargs.",
+    state_bytes=lowrank_theory(None, GALORE_DEFAULTS, store_factors=True),
+    description="GaLore projection around any registry optimizer (hyperparameter inner, default adamw_torch).",
+))
+
+_APOLLO_NOTE = ("Random projections regenerate from a stored seed, so the state is the low-rank moments plus one "
+                "scalar per target. Update multiplied by sqrt(scale) as in the reference implementation.")
+register(OptimizerSpec(
+    name="apollo_adamw", backend="lit_optim", target="lit_optim.optimizers.apollo:Apollo", builder=_apollo,
+    fixed={"inner": "adamw_torch"}, defaults={"eps": 1e-6}, supports=NO_FSDP, notes=_APOLLO_NOTE,
+    state_bytes=lowrank_theory("adamw_torch", APOLLO_DEFAULTS, store_factors=False, extra=1),
+    description="APOLLO: AdamW moments of a random rank-r projection estimate channel-wise learning-rate scaling of "
+                "an SGD-like update (Hugging Face defaults: rank 128, gap 200, scale 1).",
+))
+_MINI = {"rank": 1, "scale_type": "tensor", "scale": 128.0}
+register(OptimizerSpec(
+    name="apollo_mini", backend="lit_optim", target="lit_optim.optimizers.apollo:Apollo", builder=_apollo,
+    fixed={"inner": "adamw_torch"}, defaults={"eps": 1e-6, **_MINI}, supports=NO_FSDP, notes=_APOLLO_NOTE,
+    state_bytes=lowrank_theory("adamw_torch", {**APOLLO_DEFAULTS, **_MINI}, store_factors=False, extra=1),
+    description="APOLLO-Mini: rank-1 projection, one tensor-wise scaling factor per weight, scale 128 -- SGD-like "
+                "memory.",
+))
+
+
+def adam_mini_theory(shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
+    """First moment per element + one second moment per row (query/key: per head, fewer); 1-D: one per tensor."""
+    n = 1
+    for s in shape:
+        n *= s
+    return FP32 * n + FP32 * (shape[0] if len(shape) >= 2 else 1)
+
+
+register(OptimizerSpec(
+    name="adam_mini", backend="lit_optim", target="lit_optim.optimizers.adam_mini:AdamMini", builder=_adam_mini,
+    supports=NO_FSDP, state_bytes=adam_mini_theory,
+    description="Adam-mini: one second moment per Hessian block (query/key: per head; value, attention output, MLP: "
+                "per output neuron; embedding/head: per token; 1-D: per tensor).",
+    notes="Heads come from the model (n_heads attribute, or config.num_attention_heads/num_key_value_heads) or from "
+          "the hyperparameters n_heads, n_kv_heads, d_model. Theory counts one block per row; query/key have one "
+          "per head, 4*(rows - heads) bytes fewer.",
+))
