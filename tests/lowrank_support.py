@@ -55,12 +55,12 @@ def expected_state_bytes(optimizer, p: torch.Tensor) -> float:
     info = optimizer.lit_optim
     hp = info.hyperparameters
     sub = optimizer._subs[id(p)] if hasattr(optimizer, "_subs") else optimizer
+    spec = info.spec
     if isinstance(sub, LowRankOptimizer) and not sub.is_target(p):
-        inner = sub.inner_spec
-        if inner.backend == "bitsandbytes" and inner.bits == 8 and info.plan.param_info[id(p)].is_embedding:
-            return theory.fp32_states(2)(tuple(p.shape), hp)
-        return inner.state_bytes(tuple(p.shape), {**inner.defaults, **hp})
-    return info.spec.state_bytes(tuple(p.shape), hp)
+        spec, hp = sub.inner_spec, {**sub.inner_spec.defaults, **hp}
+    if spec.backend == "bitsandbytes" and spec.bits == 8 and info.plan.param_info[id(p)].is_embedding:
+        return theory.fp32_states(2)(tuple(p.shape), hp)  # kept at 32 bits, as Hugging Face does
+    return spec.state_bytes(tuple(p.shape), hp)
 
 
 def assert_state_matches_theory(optimizer, rel: float = 0.01) -> dict:

@@ -65,30 +65,31 @@ def _find_attr(obj, names) -> int | None:
 
 
 class _Dims:
-    """Attention dimensions for one parameter: hyperparameters first, then module attributes, then model.config."""
+    """Attention dimensions for one parameter: hyperparameters first, then the nearest module (the parameter's own,
+    then its parents) with a head-count attribute or a Hugging Face ``config`` that has one."""
 
     def __init__(self, model: nn.Module | None, n_heads, n_kv_heads, d_model) -> None:
-        self.model, self.n_heads, self.n_kv_heads, self.d_model = model, n_heads, n_kv_heads, d_model
+        self.n_heads, self.n_kv_heads, self.d_model = n_heads, n_kv_heads, d_model
         self.modules = dict(model.named_modules()) if model is not None else {}
-        config = getattr(model, "config", None)
-        self.cfg_heads = _find_attr(config, _HEAD_ATTRS) if config is not None else None
-        self.cfg_kv = _find_attr(config, _KV_ATTRS) if config is not None else None
-        self.cfg_head_dim = _find_attr(config, ("head_dim",)) if config is not None else None
 
-    def heads(self, module_name: str) -> tuple[int | None, int | None, str]:
+    def heads(self, module_name: str) -> tuple[int | None, int | None, int | None, str]:
+        """(query heads, key/value heads, head_dim, where they came from)."""
         if self.n_heads:
-            return self.n_heads, self.n_kv_heads, "hyperparameter n_heads"
-        parts = module_name.split(".")
+            return self.n_heads, self.n_kv_heads, None, "hyperparameter n_heads"
+        parts = module_name.split(".") if module_name else []
         for i in range(len(parts), -1, -1):
             mod = self.modules.get(".".join(parts[:i]))
             if mod is None:
                 continue
             h = _find_attr(mod, _HEAD_ATTRS)
             if h:
-                return h, self.n_kv_heads or _find_attr(mod, _KV_ATTRS), f"{type(mod).__name__}.n_heads"
-        if self.cfg_heads:
-            return self.cfg_heads, self.n_kv_heads or self.cfg_kv, "model.config.num_attention_heads"
-        return None, None, ""
+                return h, self.n_kv_heads or _find_attr(mod, _KV_ATTRS), None, f"{type(mod).__name__}.n_heads"
+            config = getattr(mod, "config", None)
+            h = _find_attr(config, _HEAD_ATTRS) if config is not None else None
+            if h:
+                return (h, self.n_kv_heads or _find_attr(config, _KV_ATTRS), _find_attr(config, ("head_dim",)),
+                        f"{type(mod).__name__}.config.num_attention_heads")
+        return None, None, None, ""
 
 
 def _missing(name: str, what: str) -> HyperparameterError:
@@ -120,7 +121,7 @@ def infer_partitions(infos: Iterable, model: nn.Module | None = None, *, n_heads
             out[id(p)] = Partition(rows, ((rows, 1),), "token") if p.ndim >= 2 else default_partition(p)
             continue
         if short in QUERY | KEY | FUSED_QKV:
-            heads, kv, source = dims.heads(module_name)
+            heads, kv, cfg_head_dim, source = dims.heads(module_name)
             if not heads:
                 raise _missing(name, "no n_heads/num_heads attribute on its module or parents and no "
                                      "model.config.num_attention_heads")
@@ -133,7 +134,7 @@ def infer_partitions(infos: Iterable, model: nn.Module | None = None, *, n_heads
                 hd = rows // (heads + 2 * kv)
                 out[id(p)] = Partition(rows, ((heads * hd, hd), (kv * hd, hd), (kv * hd, 1)), "qkv")
             else:
-                hd = dims.cfg_head_dim or (d_model // heads if d_model else None)
+                hd = cfg_head_dim or (d_model // heads if d_model else None)
                 if hd is None and short in QUERY:
                     hd = rows // heads if rows % heads == 0 else None
                 if hd is None:  # a key: the head size of its query sibling, else as many key heads as given/queries
