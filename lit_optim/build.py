@@ -214,10 +214,29 @@ def _verify(optimizer: torch.optim.Optimizer, spec: OptimizerSpec) -> None:
             )
 
 
-def _keep_embeddings_32bit(optimizer, plan: GroupPlan) -> int:
+def _private_override_manager(optimizer):
+    """Give a bitsandbytes optimizer its own override manager.
+
+    bitsandbytes keeps overrides in one process-wide manager, and resolves module overrides into entries keyed by
+    (group index, param index): once one optimizer has applied an override, the tensor at that position in every later
+    optimizer of the process gets it too (a Linear weight built later silently kept 32-bit state). Overrides the user
+    registered globally (``override_config``, ``StableEmbedding``) are carried over; position-keyed entries are not.
+    """
     import bitsandbytes as bnb
 
-    manager = bnb.optim.GlobalOptimManager.get_instance()
+    cls = bnb.optim.GlobalOptimManager
+    shared = cls.get_instance()
+    own = cls.__new__(cls)
+    own.initialize()
+    own.pid2config = dict(shared.pid2config)
+    own.module_weight_config_triple = list(shared.module_weight_config_triple)
+    own.uses_config_override = shared.uses_config_override
+    optimizer.mng = own
+    return own
+
+
+def _keep_embeddings_32bit(optimizer, plan: GroupPlan) -> int:
+    manager = _private_override_manager(optimizer)
     count = 0
     if plan.model is not None:
         for module in plan.model.modules():

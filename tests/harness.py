@@ -106,3 +106,64 @@ def resume_matches(optim: dict[str, Any], tmp_path: Path, steps: int = 12, **kw)
     resumed, t2, _ = run_task(optim, steps, tmp_path=tmp_path / "resumed", ckpt_path=ckpt[0], **kw)
     params_equal = all(torch.equal(x, y) for x, y in zip(straight.parameters(), resumed.parameters()))
     return params_equal, states_equal(t1.optimizers[0], t2.optimizers[0]), losses
+
+
+# --- helpers added for the registry/error/mixin tests ------------------------------------------------------------
+
+
+class temporary_spec:
+    """Register a throwaway `OptimizerSpec` for one test and remove it afterwards (the registry is process-global).
+
+        with temporary_spec(replace(get_spec("adamw_torch"), name="test_no_clip", supports=...)) as spec: ...
+    """
+
+    def __init__(self, spec) -> None:
+        self.spec = spec
+
+    def __enter__(self):
+        from lit_optim.registry import all_specs, register
+
+        all_specs()  # load the real registry first, so it is not skipped because the registry looks non-empty
+        return register(self.spec)
+
+    def __exit__(self, *exc) -> None:
+        from lit_optim import registry
+
+        registry._SPECS.pop(self.spec.name, None)
+        for alias in self.spec.aliases:
+            registry._ALIASES.pop(alias, None)
+
+
+def python_without(hidden: tuple[str, ...], code: str, tmp_path: Path, timeout: float = 240):
+    """Run `code` in a fresh interpreter in which the top-level packages `hidden` are really absent.
+
+    Every `sys.path` directory of this interpreter that holds one of them is mirrored into `tmp_path` with symlinks
+    to everything else; the child starts with `-S` (no site-packages of its own) and gets the mirrored path plus the
+    repository root. Returns the `subprocess.CompletedProcess` (text mode).
+    """
+    import os
+    import subprocess
+    import sys
+
+    import lit_optim
+
+    def is_hidden(entry: str) -> bool:  # a module, package or distribution record named in `hidden`
+        stem = entry.split("-")[0].split(".")[0].lower()
+        return stem in {h.replace("-", "_").lower() for h in hidden}
+
+    repo = str(Path(lit_optim.__file__).resolve().parent.parent)
+    path = [repo]
+    for i, entry in enumerate(p for p in sys.path if p and os.path.isdir(p)):
+        names = os.listdir(entry)
+        if not any(is_hidden(n) for n in names):
+            path.append(entry)
+            continue
+        mirror = tmp_path / f"path{i}"
+        mirror.mkdir(parents=True)
+        for n in names:
+            if not is_hidden(n):
+                os.symlink(os.path.join(entry, n), mirror / n)
+        path.append(str(mirror))
+    prelude = f"import sys; sys.path[:0] = {path!r}\n"
+    return subprocess.run([sys.executable, "-S", "-c", prelude + code], capture_output=True, text=True,
+                          timeout=timeout, cwd=str(tmp_path))

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from lit_optim.build import _plain
 from lit_optim.mixin import OptimizerMixin
 from lit_optim.task.models import build_model
 
@@ -21,6 +22,8 @@ class LanguageModelTask(OptimizerMixin, L.LightningModule):
         scheduler: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(optim=optim, scheduler=scheduler)
+        # Plain containers in the checkpoint: a Hydra DictConfig there would not load with weights_only=True.
+        model, optim, scheduler = _plain(model), _plain(optim), _plain(scheduler)
         self.save_hyperparameters()
         self.model_config = dict(model or {"arch": "tiny"})
         self.model = build_model(self.model_config)
