@@ -1,6 +1,7 @@
 """The Hydra entry point behind `lit-optim train`: config -> module, data, callbacks, logger, Trainer -> fit.
 
-Everything the config can get wrong is caught while the objects are built, before the Trainer starts.
+Everything the config can get wrong is caught while the objects are built, before the Trainer starts. Lightning and
+the model code are imported only once Hydra has composed the config, so a bad override is reported without them.
 """
 
 from __future__ import annotations
@@ -11,17 +12,13 @@ import sys
 from typing import Any
 
 import hydra
-import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from lit_optim.errors import LitOptimError
 from lit_optim.noise import quiet_import_noise
 
-quiet_import_noise()  # before the backends are imported below
-
-from lit_optim.task.module import LanguageModelTask  # noqa: E402
+quiet_import_noise()  # before any backend is imported
 
 log = logging.getLogger("lit_optim")
 
@@ -32,6 +29,9 @@ def _container(node: Any) -> Any:
 
 def build_logger(cfg: DictConfig | None):
     """Instantiate the configured logger; a missing or failing W&B falls back to CSV instead of stopping the run."""
+    import lightning as L
+    from lightning.pytorch.utilities import rank_zero_warn
+
     if not cfg or "_target_" not in cfg:
         return False
     if "Wandb" in cfg._target_:
@@ -50,6 +50,10 @@ def build_logger(cfg: DictConfig | None):
 
 def build_run(cfg: DictConfig):
     """Everything `train` needs, constructed (and validated) but not started."""
+    import lightning as L
+
+    from lit_optim.task.module import LanguageModelTask
+
     L.seed_everything(cfg.seed, workers=True)
     module = LanguageModelTask(
         model=_container(cfg.model),
@@ -59,6 +63,15 @@ def build_run(cfg: DictConfig):
     datamodule = instantiate(cfg.data)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     logger = build_logger(cfg.get("logger"))
+    if not logger:
+        # Lightning refuses a LearningRateMonitor without a logger; with logger=none there is nothing to log to.
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
+    if cfg.trainer.get("enable_progress_bar", True) and not any(
+        isinstance(c, L.pytorch.callbacks.ProgressBar) for c in callbacks
+    ):
+        # Lightning picks its Rich bar whenever `rich` is installed (transformers brings it), and that bar prints
+        # nothing until the end when the output is not a terminal; the tqdm bar shows the loss live either way.
+        callbacks.append(L.pytorch.callbacks.TQDMProgressBar())
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     if logger:
         trainer.logger.log_hyperparams({"config": _container(cfg)})

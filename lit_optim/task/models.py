@@ -44,6 +44,7 @@ def _build_llama(cfg: dict[str, Any]) -> nn.Module:
                 f"*.safetensors; nothing is downloaded), or model.pretrained=null for random weights."
             )
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model.train()  # from_pretrained returns eval mode, and Lightning does not switch it back
     else:
         # No weights here: the architecture from its config, randomly initialised.
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))

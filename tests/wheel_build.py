@@ -1,0 +1,68 @@
+"""Build lit_optim's wheel once per test session, and install it into a throwaway virtual environment.
+
+The wheel is built from a copy of the checkout (git's tracked and untracked-but-not-ignored files), so the build
+leaves nothing behind in the working tree and sees exactly what a clean checkout would. The environment shares this
+interpreter's site-packages (torch, Hydra, ...) but has its own lit_optim, so code run there uses the *installed*
+package -- including the Hydra plugin, which an editable install does not expose outside the repository.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+_CACHE: dict[str, Path] = {}
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _checkout_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                         capture_output=True, check=True).stdout
+    return [f for f in out.decode().split("\0") if f and (REPO / f).exists()]
+
+
+def copy_checkout(dest: Path) -> Path:
+    """The checkout's files (symlinks kept as links) under `dest`."""
+    for rel in _checkout_files():
+        src, dst = REPO / rel, dest / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            dst.symlink_to(src.readlink())
+        elif src.is_file():
+            shutil.copy2(src, dst)
+    return dest
+
+
+def build_wheel(workdir: Path) -> Path:
+    """The path of lit_optim's wheel, built (once per session) under `workdir`."""
+    if "wheel" not in _CACHE:
+        src = copy_checkout(workdir / "src")
+        dist = workdir / "dist"
+        _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+              "-w", str(dist), str(src)])
+        (wheel,) = dist.glob("lit_optim-*.whl")
+        _CACHE["wheel"] = wheel
+    return _CACHE["wheel"]
+
+
+def installed_env(workdir: Path) -> Path:
+    """A virtual environment's python with the wheel installed (dependencies from this interpreter's environment)."""
+    if "python" not in _CACHE:
+        wheel = build_wheel(workdir)
+        env_dir = workdir / "venv"
+        venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+        python = env_dir / "bin" / "python"
+        _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
+              str(wheel)])
+        _CACHE["python"] = python
+    return _CACHE["python"]
