@@ -32,8 +32,15 @@ class LanguageModelTask(OptimizerMixin, L.LightningModule):
         out = self.model(tokens)
         return out.logits if hasattr(out, "logits") else out
 
+    def model_inputs(self, batch: torch.Tensor) -> torch.Tensor:
+        """What `forward` gets from a batch: every token but the last (each token's successor is its label).
+
+        Monitoring callbacks use it to count tokens and to measure FLOPs (`lit_optim.callbacks.SpeedMonitor`).
+        """
+        return batch[:, :-1]
+
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        logits = self(batch[:, :-1])
+        logits = self(self.model_inputs(batch))
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
