@@ -60,6 +60,8 @@ def _hook(ref: weakref.ref) -> Callable[[torch.Tensor], None]:
 class InBackwardOptimizer(CompositeOptimizer):
     """Steps one sub-optimizer per parameter from the backward pass (see the module docstring)."""
 
+    own_prefix = "in_backward_"  # it adds no entries of its own; sub-optimizers (GaLore) keep theirs
+
     def __init__(self, params, make_sub: Callable[[dict], torch.optim.Optimizer], *,
                  clip_per_param_norm: float | None = None, defaults: Mapping[str, Any] | None = None) -> None:
         groups = as_groups(params)

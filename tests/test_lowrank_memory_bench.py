@@ -1,0 +1,48 @@
+"""benchmarks/lowrank_memory.py --tiny: the CPU smoke test of the GPU memory benchmark runs every configuration and
+its numbers show what each method is for."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("lowrank_memory", ROOT / "benchmarks" / "lowrank_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_memory_benchmark_runs_and_shows_the_savings(tmp_path, capsys):
+    bench = load_benchmark()
+    out = tmp_path / "lowrank_memory.json"
+    assert bench.main(["--tiny", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    rows = {r["label"]: r for r in data["rows"]}
+    assert set(rows) == {c[0] for c in bench.CONFIGS} and not any("error" in r for r in rows.values())
+    assert data["meta"]["tiny"] and data["meta"]["rank"] == 16
+    for label in rows:
+        assert label in printed
+
+    weights = rows["adamw_torch"]["weights_bytes"]
+    # In backward, gradients never coexist: the most alive at once is far below all of them.
+    assert rows["adamw_torch"]["max_live_grad_bytes"] == weights
+    for label, r in rows.items():
+        if r["in_backward"]:
+            assert r["max_live_grad_bytes"] < 0.5 * weights, label
+        assert all(x == x for x in r["losses"]), label  # finite
+    # State: AdamW 8 bytes/param; Adam-mini about half; low-rank methods less; LOMO none.
+    adamw = rows["adamw_torch"]["state_bytes"]
+    assert abs(adamw - 2 * weights) < 0.01 * adamw
+    assert rows["adamw_torch in_backward"]["state_bytes"] == adamw
+    assert 0.45 * adamw < rows["adam_mini"]["state_bytes"] < 0.55 * adamw
+    for label in ("galore_adamw", "galore_adamw_8bit", "apollo_adamw", "apollo_mini"):
+        assert rows[label]["state_bytes"] < 0.5 * adamw, label
+        assert rows[label]["state_bytes"] == rows[f"{label}_layerwise"]["state_bytes"], label
+    assert rows["apollo_mini"]["state_bytes"] < rows["apollo_adamw"]["state_bytes"]
+    assert rows["lomo"]["state_bytes"] == 0 and rows["adalomo"]["state_bytes"] < 0.05 * adamw
