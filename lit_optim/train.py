@@ -15,7 +15,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lit_optim.errors import LitOptimError
+from lit_optim.errors import IncompatibleConfigError, LitOptimError
 from lit_optim.noise import quiet_import_noise
 
 quiet_import_noise()  # before any backend is imported
@@ -51,9 +51,16 @@ def build_logger(cfg: DictConfig | None):
 def build_run(cfg: DictConfig):
     """Everything `train` needs, constructed (and validated) but not started."""
     import lightning as L
+    import torch
 
     from lit_optim.task.module import LanguageModelTask
 
+    if str(cfg.trainer.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        # Said before an 8B model is built on the CPU only for Lightning to refuse the GPU setting afterwards.
+        raise IncompatibleConfigError(
+            f"trainer.accelerator={cfg.trainer.accelerator} but this machine has no CUDA GPU. Run on a GPU machine, or "
+            "add trainer.accelerator=cpu (with a model that fits in CPU memory)."
+        )
     L.seed_everything(cfg.seed, workers=True)
     module = LanguageModelTask(
         model=_container(cfg.model),

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 from lit_optim.registry import list_optimizers
 
@@ -81,6 +82,10 @@ BAD_INPUT = {
     "unknown-hyperparameter": ("+optim.betaz=0.9", 2, ["lit-optim: Optimizer 'adamw_torch' (torch.optim.AdamW) does "
                                                        "not take hyperparameter 'betaz'. Did you mean betas?"]),
 }
+if not torch.cuda.is_available():
+    # A GPU recipe on a machine without one is refused before the 8B model is built.
+    BAD_INPUT["gpu-recipe-without-gpu"] = ("recipe=llama31_8b_adamw_8bit", 2,
+                                           ["lit-optim: trainer.accelerator=gpu but this machine has no CUDA GPU."])
 
 
 @pytest.fixture(scope="module")
