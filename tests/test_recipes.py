@@ -113,7 +113,8 @@ def shrink(cfg) -> None:
         cfg.trainer.update(accelerator="cpu", devices=1, strategy="auto", max_steps=2, accumulate_grad_batches=2,
                            enable_progress_bar=False, log_every_n_steps=1, check_val_every_n_epoch=None,
                            val_check_interval=4, limit_val_batches=2)
-        cfg.callbacks.checkpoint.update(every_n_train_steps=2, save_last=False)
+        if cfg.callbacks.get("checkpoint"):
+            cfg.callbacks.checkpoint.update(every_n_train_steps=2, save_last=False)
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -124,7 +125,10 @@ def test_recipe_trains_two_steps_at_tiny_size(name, tmp_path):
     precision = cfg.trainer.precision
     shrink(cfg)
     metrics = train(cfg)
-    assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/loss"])
+    assert math.isfinite(metrics["train/loss"])
+    assert math.isfinite(metrics["val/loss"]) or not cfg.validate
+    if not cfg.callbacks.get("checkpoint"):
+        return
     (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
     state = torch.load(ckpt, weights_only=True)  # the recipe's optimizer state loads with weights_only
     assert state["global_step"] == 2

@@ -119,6 +119,18 @@ def test_too_little_text_for_one_window(tmp_path):
         dm.setup("fit")
 
 
+def test_missing_weights_directory_is_an_error_not_random_weights(tmp_path):
+    pytest.importorskip("transformers")
+    from test_recipes import compose_recipe
+
+    from lit_optim.train import build_run
+
+    cfg = compose_recipe("llama31_8b_adamw_8bit", tmp_path, "logger=csv", "trainer.accelerator=cpu",
+                         f"model.pretrained={tmp_path / 'no-such-model'}")
+    with pytest.raises(MissingPathError, match=r"model.pretrained=.*no-such-model' is not a directory"):
+        build_run(cfg)  # fails at once: no 8B model is built on the way
+
+
 def test_seed_recipe_with_real_weights_and_real_data(tmp_path, tokenizer_dir):
     """`recipe=llama31_8b_paged_adamw_8bit model.pretrained=<dir> data.path=<file>`: weights, tokenizer and text all
     come from local files; the model is a tiny Llama saved in the Hugging Face layout."""
