@@ -138,8 +138,8 @@ def python_without(hidden: tuple[str, ...], code: str, tmp_path: Path, timeout: 
     """Run `code` in a fresh interpreter in which the top-level packages `hidden` are really absent.
 
     Every `sys.path` directory of this interpreter that holds one of them is mirrored into `tmp_path` with symlinks
-    to everything else; the child starts with `-S` (no site-packages of its own) and gets the mirrored path plus the
-    repository root. Returns the `subprocess.CompletedProcess` (text mode).
+    to everything else; the child starts with `-S -E` (no site-packages and no PYTHONPATH of its own) and gets the
+    mirrored path plus the repository root. Returns the `subprocess.CompletedProcess` (text mode).
     """
     import os
     import subprocess
@@ -165,5 +165,5 @@ def python_without(hidden: tuple[str, ...], code: str, tmp_path: Path, timeout: 
                 os.symlink(os.path.join(entry, n), mirror / n)
         path.append(str(mirror))
     prelude = f"import sys; sys.path[:0] = {path!r}\n"
-    return subprocess.run([sys.executable, "-S", "-c", prelude + code], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-S", "-E", "-c", prelude + code], capture_output=True, text=True,
                           timeout=timeout, cwd=str(tmp_path))
