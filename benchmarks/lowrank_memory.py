@@ -164,7 +164,7 @@ def run_one(label, name, hp, args, device, dtype) -> dict:
     watch.remove()
     if hasattr(opt, "remove_hooks"):
         opt.remove_hooks()
-    del opt, model, watch, tokens
+    opt = model = watch = tokens = None  # noqa: F841  (free them before the next configuration)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=None, help="vocabulary (default 32000; 256 with --tiny)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 1; 2 with --tiny)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; 32 with --tiny)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per configuration (default 3; 2 --tiny)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per configuration (default 3; 2 with --tiny)")
     parser.add_argument("--rank", type=int, default=None,
                         help="GaLore/APOLLO rank (default 512, the papers' 1B setting; 16 with --tiny)")
     parser.add_argument("--lr", type=float, default=1e-4)

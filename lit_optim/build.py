@@ -289,6 +289,8 @@ def build_optimizer(
     if built_spec is spec:
         _verify(optimizer, spec)
     info = BuildInfo(spec.name, built_spec, {**kwargs, "weight_decay": wd}, plan)
+    if built_spec is not spec:
+        info.extra["in_backward"] = True
     if group_opts.get("embedding_state_32bit"):
         info.embedding_32bit_params = _keep_embeddings_32bit(optimizer, plan)
     optimizer.lit_optim = info

@@ -1,5 +1,6 @@
 """APOLLO and APOLLO-Mini: train, resume exactly, keep SGD-like state (low-rank moments + one scalar, no stored
-projection), and compute the paper's update: channel- or tensor-wise scaling of the raw gradient, norm-growth limited."""
+projection), and compute the paper's update: channel- or tensor-wise scaling of the raw gradient, norm-growth
+limited."""
 
 from __future__ import annotations
 

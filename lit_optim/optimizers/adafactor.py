@@ -1,4 +1,4 @@
-"""Adafactor with an absolute learning rate, the way Hugging Face runs it for ``galore_adafactor``, and AdaLomo's update.
+"""Adafactor with an absolute learning rate (as Hugging Face runs it for ``galore_adafactor``), and AdaLomo's update.
 
 Shazeer & Stern (2018): no first moment; for a matrix the second moment is factored into row and column averages of
 G² + eps1 (decay 1 - t^decay_rate); the update G / sqrt(v) is clipped to RMS <= clip_threshold. Unlike PyTorch's

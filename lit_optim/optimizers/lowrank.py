@@ -216,7 +216,8 @@ class LowRankOptimizer(CompositeOptimizer):
     def _own_arguments(cls) -> dict[str, Any]:
         sig = inspect.signature(cls.__init__)
         return {n: q.default for n, q in sig.parameters.items()
-                if n not in ("self", "params", "targets", "context", "fp32_state_params") and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)}
+                if n not in ("self", "params", "targets", "context", "fp32_state_params")
+                and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)}
 
     @classmethod
     def accepted_arguments_for(cls, spec) -> dict[str, Any]:
