@@ -329,19 +329,6 @@ class StateReport:
         return list(self.TABLE_COLUMNS), [*(row(g) for g in self.groups.values()), row(self.total)]
 
 
-@dataclass(frozen=True)
-class Storage:
-    """One distinct storage held by an optimizer (state, or a buffer that is not state)."""
-
-    param: Any  # the parameter it belongs to, or None
-    group: str
-    key: str
-    tensor: torch.Tensor  # a plain tensor viewing the storage
-    nbytes: int
-    location: str
-    is_buffer: bool = False
-
-
 @dataclass
 class _Gathered:
     sources: list[_Source]
@@ -393,17 +380,6 @@ def _storages(g: _Gathered, seen: set) -> Iterator[tuple]:
                            storage.nbytes(), location(leaf, paged=paged, pinning_possible=pinning), is_buffer)
 
 
-def iter_storages(optimizer, seen: set | None = None) -> Iterator[Storage]:
-    """Every storage of `optimizer`'s state and buffers, each once (across calls too, if `seen` is shared)."""
-    for item in _storages(_gather(optimizer), set() if seen is None else seen):
-        yield Storage(*item)
-
-
-def trainable_params(optimizer) -> list[torch.Tensor]:
-    """The distinct parameters `optimizer` updates (inner optimizers' included)."""
-    return list(_gather(optimizer).params.values())
-
-
 def state_report(optimizer) -> StateReport:
     """Account every state storage of `optimizer` once (see the module docstring for where state is found)."""
     g = _gather(optimizer)
@@ -414,7 +390,7 @@ def state_report(optimizer) -> StateReport:
     quantized: set[int] = set()
     for param, group, _key, leaf, nbytes, where, is_buffer in _storages(g, set()):
         if where in report.host_storages:
-            report.host_storages[where].add((leaf.is_cuda, leaf.untyped_storage().data_ptr()))
+            report.host_storages[where].add(_skey(leaf))
         if is_buffer:
             report.buffer_bytes += nbytes
             report.buffer_by_location[where] = report.buffer_by_location.get(where, 0) + nbytes

@@ -1,5 +1,5 @@
-"""The monitors in the Hydra `callbacks` group (on by default, each with its interval) and the overhead benchmark's
-toy-size run on the CPU."""
+"""The monitors in the Hydra `callbacks` group (on by default, each with its interval), with a TensorBoard logger, and
+the overhead benchmark's toy-size run on the CPU."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from callbacks_support import fit
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
 from lit_optim.callbacks import (DeviceMemoryMonitor, OptimizerStateMonitor, SpeedMonitor, StepTimingMonitor,
-                                 WandbExtras)
+                                 WandbExtras, default_monitors)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,3 +55,21 @@ def test_overhead_benchmark_runs_at_toy_size_on_cpu(tmp_path):
     for key in ("optim_state/bytes", "throughput/tokens_per_sec", "timing/optimizer_step_ms", "memory/host_rss_bytes"):
         assert readings[key] > 0, key
     assert "| off |" in proc.stdout and "| on  |" in proc.stdout
+
+
+def test_all_monitors_with_tensorboard(tmp_path):
+    """Any Lightning logger will do: the same figures land in TensorBoard's event file (read back with its reader)."""
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer, module = fit(tmp_path, {"name": "adamw_torch", "lr": 1e-3}, 4, default_monitors(), logger=logger,
+                          log_every_n_steps=2)
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("optim_state/bytes", "throughput/tokens_per_sec", "timing/optimizer_step_ms", "memory/host_rss_bytes"):
+        assert tag in tags, tag
+    params = sum(p.numel() for p in module.parameters())
+    assert [e.value for e in events.Scalars("optim_state/bytes")] == [8 * params + 4 * len(list(module.parameters()))] * 3

@@ -147,6 +147,7 @@ class SpeedMonitor(IntervalCallback):
         self._flops_since_update = 0.0
         self._has_tokens = True
         self._steps = 0
+        self._points = 0  # updates given to Throughput; the first one only starts the clock
 
     def _sync_now(self, trainer) -> float:
         if trainer.strategy.root_device.type == "cuda":
@@ -186,7 +187,7 @@ class SpeedMonitor(IntervalCallback):
             self._flops_since_update += self._flops
         if stepped(trainer):
             self._steps += 1
-        if self._steps == self.warmup_steps and not self._throughput._time or self.is_log_step(trainer):
+        if (self._steps == self.warmup_steps and not self._points) or self.is_log_step(trainer):
             self._update(trainer)
 
     def _update(self, trainer) -> None:
@@ -197,7 +198,8 @@ class SpeedMonitor(IntervalCallback):
             flops=int(self._flops_since_update) if self._flops is not None else None,
         )
         self._flops_since_update = 0.0
-        if len(self._throughput._time) < 2:  # the first point only starts the clock
+        self._points += 1
+        if self._points < 2:  # the first point only starts the clock
             return
         self.publish(trainer, self._metrics(self._throughput.compute(), trainer.world_size))
 
