@@ -40,10 +40,14 @@ _bnb("ademamix", "AdEMAMix", 32, 3, "AdEMAMix (two EMAs of the gradient plus one
      fixed={"optim_bits": 32})
 _bnb("ademamix_8bit", "AdEMAMix8bit", 8, 3, "AdEMAMix with block-wise 8-bit states.")
 _bnb("paged_ademamix_8bit", "PagedAdEMAMix8bit", 8, 3, "AdEMAMix with block-wise 8-bit states.", paged=True)
-# bitsandbytes 0.50's CPU fallback for paged 32-bit AdEMAMix crashes on its (2, ...) first state: CUDA only.
-_bnb("paged_ademamix_32bit", "PagedAdEMAMix32bit", 32, 3, "AdEMAMix, 32-bit states.", paged=True,
-     aliases=("paged_ademamix",), supports=_NO_FSDP - {CPU},
-     notes="CUDA only: bitsandbytes 0.50's CPU path for this optimizer fails with a shape mismatch.")
+# Not bitsandbytes' PagedAdEMAMix32bit: in 0.50 it (like AdEMAMix32bit) skips AdEMAMix's state setup and gives the
+# two EMAs one tensor shaped like the parameter -- a shape error on CPU, NaN losses on CUDA. Hugging Face builds
+# AdEMAMix(optim_bits=32, is_paged=True); PagedAdEMAMix with optim_bits=32 is that class. Its double buffer is
+# allocated in CUDA managed memory even on CPU (bitsandbytes' CPU build then raises for parameters of >= 1e5
+# elements), so the name is CUDA-only.
+_bnb("paged_ademamix_32bit", "PagedAdEMAMix", 32, 3, "AdEMAMix, 32-bit states.", paged=True,
+     aliases=("paged_ademamix",), fixed={"optim_bits": 32}, supports=_NO_FSDP - {CPU},
+     notes="CUDA only: bitsandbytes allocates AdEMAMix's paged double buffer with CUDA managed memory.")
 _bnb("adagrad_8bit", "Adagrad8bit", 8, 1, "block-wise 8-bit Adagrad accumulator.")
 # bitsandbytes refuses SGD without momentum, so the name defaults to the usual 0.9.
 _bnb("sgd_8bit", "SGD8bit", 8, 1, "SGD with a block-wise 8-bit momentum buffer.", defaults={"momentum": 0.9},

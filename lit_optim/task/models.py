@@ -46,8 +46,15 @@ def _build_llama(cfg: dict[str, Any]) -> nn.Module:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         model.train()  # from_pretrained returns eval mode, and Lightning does not switch it back
     else:
-        # No weights here: the architecture from its config, randomly initialised.
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+        # No weights here: the architecture from its config, randomly initialised -- directly in `dtype`, so an 8B
+        # model is not first materialised in fp32.
+        import torch
+
+        config = transformers.LlamaConfig(**cfg)
+        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5 renamed gradient_checkpointing_enable; keep working with both.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     return model
