@@ -133,3 +133,32 @@ def test_peak_flops_table_knows_hopper_driver_names():
     assert peak_flops_for_name("NVIDIA H200", torch.float32, "high") == 494.7e12
     assert peak_flops_for_name("NVIDIA H200", torch.float32, "highest") == 67e12
     assert peak_flops_for_name("NVIDIA A100-SXM4-80GB", bf16) is None  # not Hopper: Lightning's table decides
+
+
+def test_ddp_two_cpu_processes_sum_over_ranks(tmp_path):
+    """`lit-optim train` with Lightning's DDP on two CPU processes (gloo), validation in between: rank 0 logs per
+    device and over both ranks; the other rank's monitors stay out of the way."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lit_optim.cli", "train", f"hydra.run.dir={run}", "trainer.accelerator=cpu",
+           "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=6", "trainer.log_every_n_steps=2",
+           "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+           "callbacks.checkpoint=null", "logger=csv", "optim=adamw_torch", "model.d_model=64", "model.n_heads=2",
+           f"data.seq_len={SEQ}", f"data.batch_size={BATCH}", "data.train_tokens=16384"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log_dir = run / "csv" / "version_0"
+    rows = [{k: float(v) for k, v in r.items() if v} for r in csv.DictReader(open(log_dir / "metrics.csv"))]
+    rates = [r for r in rows if "throughput/samples_per_sec" in r]
+    assert [int(r["step"]) for r in rates] == [1, 3, 5]
+    for r in rates:
+        assert r["throughput/samples_per_sec"] == pytest.approx(2 * r["throughput/device/samples_per_sec"])
+        assert r["throughput/tokens_per_sec"] == pytest.approx(2 * r["throughput/device/tokens_per_sec"])
+        assert r["throughput/samples_seen"] == 2 * BATCH * (r["step"] + 1)
+    assert yaml.safe_load(open(log_dir / "hparams.yaml"))["throughput"]["world_size"] == 2
+    assert any("optim_state/bytes" in r for r in rows) and any("timing/optimizer_step_ms" in r for r in rows)

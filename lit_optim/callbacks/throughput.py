@@ -124,7 +124,8 @@ class SpeedMonitor(IntervalCallback):
         self.batch_size_fn = _resolve_fn(batch_size_fn) or default_batch_size
         self.tokens_fn = _resolve_fn(tokens_fn) or default_tokens
         self.info: dict[str, Any] = {}
-        self._throughput: Throughput | None = None
+        self._throughput: Throughput | None = None  # rank 0 only: other ranks measure nothing
+        self._val_start: float | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
