@@ -197,3 +197,17 @@ def test_stateless_optimizer_counts_params_but_no_bytes(tmp_path):
     row = next(r for r in read_csv(trainer) if "optim_state/bytes" in r)
     assert row["optim_state/bytes"] == 0 and row["optim_state/bytes_per_param"] == 0
     assert row["optim_state/stateless_params"] == sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "galore_adamw_layerwise"])
+def test_lowrank_projectors_and_in_backward_state_are_counted(tmp_path, name):
+    """lit_optim's GaLore (projector matrices in the state) and its in-backward variant (per-parameter optimizers
+    stepped during backward, behind one wrapper)."""
+    trainer, module = fit(tmp_path, {"name": name, "lr": 1e-3}, 2, [OptimizerStateMonitor()])
+    opt = trainer.optimizers[0]
+    logged = next(r for r in read_csv(trainer) if "optim_state/bytes" in r)
+    projectors = sum(v.untyped_storage().nbytes() for s in opt.state.values() for k, v in s.items()
+                     if k.startswith("proj_") and isinstance(v, torch.Tensor))
+    assert projectors > 0
+    assert logged["optim_state/bytes"] == storage_bytes(opt) > projectors
+    assert logged["optim_state/trainable_params"] == sum(p.numel() for p in module.parameters())

@@ -13,7 +13,8 @@ class OptimizerStateMonitor(IntervalCallback):
 
     Bytes are counted from storages, once each: torchao's quantized tensor subclasses by their inner tensors (codes,
     scales, maps), bitsandbytes' shared quantization maps once, paged buffers as managed memory, and wrapper
-    optimizers through their inner optimizers (see `lit_optim.state_bytes`). Also records what was built
+    optimizers through their inner optimizers (see `lit_optim.state_bytes`). The figures are rank 0's: under DDP every
+    rank holds the same, under FSDP each its own shard. Also records what was built
     (``optimizer.lit_optim.record()``) in every logger's hyperparameters as ``optimizer_built``.
 
     Logged metrics:

@@ -74,7 +74,8 @@ class SpeedMonitor(IntervalCallback):
     on the first batch; else 6 * trainable parameters * tokens. Peak FLOP/s (for MFU): the `peak_flops` argument, else
     `lit_optim.flops.available_flops` (dense Hopper figures under the names the drivers report, then Lightning's
     table) for the trainer's compute dtype. Rates are measured between logging steps, starting after the first
-    `warmup_steps` optimizer steps, and averaged over the last `window_size` - 1 intervals.
+    `warmup_steps` optimizer steps, and averaged over the last `window_size` - 1 intervals. Under FSDP the module
+    holds shards, which the meta measurement and the 6N rule cannot see whole: give `flops_per_batch` there.
 
     Logged metrics:
         ``throughput/samples_per_sec``, ``throughput/tokens_per_sec``, ``throughput/batches_per_sec``,
