@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 
 def logging_step(trainer) -> int:
@@ -70,6 +70,27 @@ class IntervalCallback(Callback):
     def publish(self, trainer, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.last_metrics = dict(metrics)
         emit(trainer, metrics, step)
+
+
+class SnapshotCallback(IntervalCallback):
+    """Logs `measure(trainer)` after the first optimizer step of a fit, then at the end of each logging interval."""
+
+    def __init__(self, log_every_n_steps: int | None = None) -> None:
+        super().__init__(log_every_n_steps)
+        self._first_logged = False
+
+    def measure(self, trainer) -> dict[str, float]:
+        raise NotImplementedError
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._first_logged = False
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        first = not self._first_logged and trainer.global_step >= 1
+        if first or self.is_log_step(trainer):
+            self._first_logged = True
+            self.publish(trainer, self.measure(trainer))
 
 
 def state_reports(trainer) -> list:

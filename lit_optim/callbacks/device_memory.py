@@ -7,9 +7,7 @@ import resource
 import sys
 
 import torch
-from lightning.pytorch.utilities import rank_zero_only
-
-from lit_optim.callbacks._common import IntervalCallback, state_reports
+from lit_optim.callbacks._common import SnapshotCallback, state_reports
 from lit_optim.state_bytes import StateReport
 
 
@@ -49,7 +47,7 @@ def host_rss_bytes() -> int | None:
         return None
 
 
-class DeviceMemoryMonitor(IntervalCallback):
+class DeviceMemoryMonitor(SnapshotCallback):
     """Logs device memory after the first optimizer step and every logging interval.
 
     Peaks are PyTorch's caching-allocator peaks since the last logging point (the monitor resets them after reading,
@@ -77,17 +75,6 @@ class DeviceMemoryMonitor(IntervalCallback):
     def __init__(self, log_every_n_steps: int | None = None, reset_peak: bool = True) -> None:
         super().__init__(log_every_n_steps)
         self.reset_peak = reset_peak
-        self._first_logged = False
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._first_logged = False
-
-    @rank_zero_only
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        first = not self._first_logged and trainer.global_step >= 1
-        if first or self.is_log_step(trainer):
-            self._first_logged = True
-            self.publish(trainer, self.measure(trainer))
 
     def measure(self, trainer) -> dict[str, float]:
         metrics: dict[str, float] = {}

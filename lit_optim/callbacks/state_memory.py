@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from lightning.pytorch.utilities import rank_zero_only
-
-from lit_optim.callbacks._common import IntervalCallback, log_build_records, state_reports
+from lit_optim.callbacks._common import SnapshotCallback, log_build_records, state_reports
 from lit_optim.state_bytes import StateReport
 
 
-class OptimizerStateMonitor(IntervalCallback):
+class OptimizerStateMonitor(SnapshotCallback):
     """Logs the real storage bytes of optimizer state after the first optimizer step and every logging interval.
 
     Bytes are counted from storages, once each: torchao's quantized tensor subclasses by their inner tensors (codes,
@@ -45,19 +43,11 @@ class OptimizerStateMonitor(IntervalCallback):
         super().__init__(log_every_n_steps)
         self.log_build_record = log_build_record
         self.reports: list[StateReport] = []
-        self._first_logged = False
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._first_logged = False
+        super().on_train_start(trainer, pl_module)
         if self.log_build_record:
             log_build_records(trainer)
-
-    @rank_zero_only
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        first = not self._first_logged and trainer.global_step >= 1
-        if first or self.is_log_step(trainer):
-            self._first_logged = True
-            self.publish(trainer, self.measure(trainer))
 
     def measure(self, trainer) -> dict[str, float]:
         self.reports = state_reports(trainer)
