@@ -95,7 +95,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="pkg://lit_optim.conf", config_name="train")
+def _config_path() -> str:
+    """`pkg://lit_optim.conf` when installed; the checkout's conf/ when run from a plain (uninstalled) source tree."""
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        if importlib.util.find_spec("lit_optim.conf") is not None:
+            return "pkg://lit_optim.conf"
+    except ModuleNotFoundError:
+        pass
+    return str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=_config_path(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
