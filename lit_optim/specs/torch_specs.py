@@ -53,4 +53,6 @@ register(OptimizerSpec(
     name="muon", backend="torch", target="lit_optim.optimizers.muon_adamw:MuonWithAdamW", builder=_build_muon,
     state_bytes=_muon_theory, defaults={"lr": 1e-3},
     description="PyTorch Muon on 2-D hidden weights plus AdamW on embeddings, head and 1-D params, in one optimizer.",
+    notes="The theory is by shape: 4 B/param for 2-D tensors (Muon's momentum); embeddings and the output head are "
+          "2-D but take AdamW (8 B/param).",
 ))
