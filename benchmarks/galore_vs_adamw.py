@@ -6,7 +6,8 @@ data through Lightning with the same warmup + cosine schedule for every optimize
 
 GaLore runs at the paper's settings (Zhao et al., 2024): learning rate 0.01, scale 0.25, projector refresh every 200
 steps, rank = d_model / 4 (the paper's rank-to-width ratio: 128/512 for 60M ... 512/2048 for 1B; Hugging Face's
-default rank 128 would be full rank on this 128-wide model). AdamW: learning rate 1e-3.
+default rank 128 would be full rank on this 128-wide model). AdamW: learning rate 1e-2, the best of 1e-3, 3e-3 and 1e-2
+on this task at 300 steps (validation loss 0.862, 0.791, 0.785).
 
     python benchmarks/galore_vs_adamw.py                       # adamw_torch vs galore_adamw, 300 steps, CPU
     python benchmarks/galore_vs_adamw.py --names adamw_torch galore_adamw apollo_adamw adam_mini --steps 500
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     parser.add_argument("--scale", type=float, default=0.25)
     parser.add_argument("--galore-lr", type=float, default=1e-2)
     parser.add_argument("--apollo-lr", type=float, default=1e-2)
-    parser.add_argument("--adamw-lr", type=float, default=1e-3, help="also used by every other name")
+    parser.add_argument("--adamw-lr", type=float, default=1e-2, help="also used by every other name")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=str, default=None, help="write results as JSON here")

@@ -50,7 +50,7 @@ def main() -> None:
         L.seed_everything(0, verbose=False)
         probe = Consistency()
         optim = {"name": name, "lr": 1e-2, **(HP if name.startswith(("galore", "apollo")) else {})}
-        trainer = L.Trainer(max_steps=6, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+        trainer = L.Trainer(max_steps=4, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             num_sanity_val_steps=0, limit_val_batches=0, callbacks=[probe])
         trainer.fit(make_module(optim, model=TINY_MODEL), make_data())

@@ -18,11 +18,11 @@ from lit_optim.state_bytes import state_bytes_by_param
 SCALAR_SLACK = 16  # bytes per parameter the theory leaves out (a `step` tensor, APOLLO's limiter scalar)
 BNB_QMAPS = 2 * 256 * 4  # bitsandbytes' two shared quantization maps, counted once per optimizer
 
-# Small ranks and a short projector refresh so that a 12-step test refreshes the projection twice.
+# Small ranks and a short projector refresh: an 8-step test refreshes the projection at step 4, where it resumes.
 LOWRANK_HP = {"rank": 16, "update_proj_gap": 4}
 
 
-def resume_run(optim: dict[str, Any], tmp_path: Path, steps: int = 12, **kw):
+def resume_run(optim: dict[str, Any], tmp_path: Path, steps: int = 8, **kw):
     """Train `steps` straight (checkpoint half-way), then resume from that checkpoint and train to `steps`.
 
     Returns (straight trainer, resumed trainer, losses of the straight run, params equal, optimizer state equal).
@@ -35,7 +35,7 @@ def resume_run(optim: dict[str, Any], tmp_path: Path, steps: int = 12, **kw):
     return t1, t2, losses, params_equal, states_equal(t1.optimizers[0], t2.optimizers[0])
 
 
-def assert_trains_and_resumes(optim: dict[str, Any], tmp_path: Path, steps: int = 12, drop: float = 0.3, **kw):
+def assert_trains_and_resumes(optim: dict[str, Any], tmp_path: Path, steps: int = 8, drop: float = 0.3, **kw):
     t1, t2, losses, params_equal, state_equal = resume_run(optim, tmp_path, steps, **kw)
     name = optim["name"]
     assert t1.global_step == steps and t2.global_step == steps
@@ -88,9 +88,12 @@ class CkptDir:
 def fit_must_fail(optim: dict[str, Any] | None, exc: type[BaseException], tmp_path: Path, *, module=None,
                   match: str | None = None, **trainer_kw) -> pytest.ExceptionInfo:
     """A real `Trainer.fit` that must fail before step 1: no optimizer step taken, no checkpoint written."""
+    import os
+
     L.seed_everything(0, verbose=False)
     module = module if module is not None else make_module(optim)
     ckpt = CkptDir(tmp_path)
+    environ = dict(os.environ)  # Lightning's DDP setup writes MASTER_PORT etc. into this process's environment
     trainer = L.Trainer(
         max_steps=4, accelerator=trainer_kw.pop("accelerator", "cpu"), devices=trainer_kw.pop("devices", 1),
         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -105,6 +108,8 @@ def fit_must_fail(optim: dict[str, Any] | None, exc: type[BaseException], tmp_pa
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        os.environ.clear()  # later subprocesses must not inherit a port this process may still hold
+        os.environ.update(environ)
     assert trainer.global_step == 0, f"the error came after {trainer.global_step} optimizer steps"
     assert ckpt.files() == [], f"a checkpoint was written: {ckpt.files()}"
     return info

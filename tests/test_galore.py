@@ -35,6 +35,7 @@ CASES = {
     "galore_adamw_4bit": {"rank": 64, "update_proj_gap": 4},
 }
 SLOW = {"galore_adamw_torch_8bit", "galore_adamw_4bit"}  # torchao compiles its step per shape on first use
+STEPS = 8  # checkpoint at 4 (a projector refresh), resume, continue to 8
 
 
 def tiny() -> TinyLM:
@@ -46,19 +47,20 @@ def tiny() -> TinyLM:
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
 def test_galore_name_trains_resumes_and_matches_theory(name, tmp_path):
     optim = {"name": name, "lr": 1e-2, **CASES[name]}
-    t1, _, _ = assert_trains_and_resumes(optim, tmp_path)
+    t1, _, _ = assert_trains_and_resumes(optim, tmp_path, steps=STEPS)
     opt = t1.optimizers[0]
     assert type(opt).__name__ == "GaLore"
     assert len(opt.targets) == 8  # qkv, proj, up, down of both blocks
     measured = assert_state_matches_theory(opt)
-    # The point of GaLore: targets keep far less than fp32 AdamW on the full weight. (Against its own 8-bit inner on
-    # the full weight it can lose at small ranks: a projection under 4096 elements gets 32-bit state -- see
-    # test_8bit_inner_precision_depends_on_the_projected_size.)
+    # The point of GaLore: at rank <= min(m, n)/4 targets keep far less than fp32 AdamW on the full weight. (Against
+    # its own 8-bit inner on the full weight it can lose at small ranks: a projection under 4096 elements gets 32-bit
+    # state -- see test_8bit_inner_precision_depends_on_the_projected_size.)
     for p in opt.targets:
-        assert measured[p] < 8 * p.numel() * 0.75, (tuple(p.shape), measured[p])
+        if 4 * CASES[name]["rank"] <= min(p.shape):
+            assert measured[p] < 8 * p.numel() * 0.75, (tuple(p.shape), measured[p])
     # Projector state is plain tensors, stored under the real parameter.
     state = opt.state[opt.targets[0]]
-    assert state["proj_step"] == 12
+    assert state["proj_step"] == STEPS
     assert any(k in state for k in ("proj_left", "proj_right"))
 
 

@@ -37,12 +37,12 @@ def test_in_backward_equals_the_normal_step_with_schedule_and_accumulation(name,
     schedule (the per-parameter optimizers see the scheduled LR) and 2-batch gradient accumulation (the step happens
     on the last micro-batch's backward)."""
     optim = {"name": name, "lr": 1e-2, **hp}
-    normal, t_normal, losses_normal = run_task(optim, 6, scheduler=SCHEDULE, accumulate_grad_batches=2)
-    inb, t_inb, losses_inb = run_task({**optim, "in_backward": True}, 6, scheduler=SCHEDULE,
+    normal, t_normal, losses_normal = run_task(optim, 4, scheduler=SCHEDULE, accumulate_grad_batches=2)
+    inb, t_inb, losses_inb = run_task({**optim, "in_backward": True}, 4, scheduler=SCHEDULE,
                                       accumulate_grad_batches=2)
     assert isinstance(t_inb.optimizers[0], InBackwardOptimizer)
-    assert t_inb.global_step == t_normal.global_step == 6
-    assert t_inb.lr_scheduler_configs[0].scheduler.last_epoch == 6
+    assert t_inb.global_step == t_normal.global_step == 4
+    assert t_inb.lr_scheduler_configs[0].scheduler.last_epoch == 4
     assert t_inb.optimizers[0].param_groups[0]["lr"] == pytest.approx(t_normal.optimizers[0].param_groups[0]["lr"])
     assert losses_inb == pytest.approx(losses_normal, abs=1e-5)
     for a, b in zip(normal.parameters(), inb.parameters()):

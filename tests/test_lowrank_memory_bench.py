@@ -20,7 +20,7 @@ def load_benchmark():
 def test_tiny_memory_benchmark_runs_and_shows_the_savings(tmp_path, capsys):
     bench = load_benchmark()
     out = tmp_path / "lowrank_memory.json"
-    assert bench.main(["--tiny", "--out", str(out)]) == 0
+    assert bench.main(["--tiny", "--steps", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
     rows = {r["label"]: r for r in data["rows"]}

@@ -21,7 +21,8 @@ each sub-optimizer gets the group's learning rate before it steps), ``state[p]``
 Not possible in backward, and refused before training by `check_trainer`: global-norm gradient clipping (the global
 norm is known only after the last gradient, and every earlier parameter has stepped by then -- use
 ``clip_per_param_norm``), DDP/FSDP (their gradient reduction runs in their own hooks after ours: ranks would step on
-unreduced gradients), and fp16 loss scaling (GradScaler unscales only after backward).
+unreduced gradients), and fp16 loss scaling (GradScaler unscales and inf-checks all gradients after backward, before
+any step).
 """
 
 from __future__ import annotations
@@ -186,9 +187,10 @@ class InBackwardOptimizer(CompositeOptimizer):
             )
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             problems.append(
-                "precision '16-mixed' uses a GradScaler, which unscales gradients and skips inf/nan steps only after "
-                "backward -- too late for parameters that stepped during it. Use precision='bf16-mixed' or "
-                "'bf16-true'"
+                "precision '16-mixed' uses a GradScaler, which must unscale every gradient and check them for inf/nan "
+                "after backward and before any step, so Lightning runs backward outside optimizer.step: nothing could "
+                "step in backward (no memory saved) and stepping during backward would use scaled, unchecked "
+                "gradients. Use precision='bf16-mixed' or 'bf16-true'"
             )
         if problems:
             raise IncompatibleConfigError(f"Optimizer {name!r} steps in backward and cannot run with this Trainer: "
