@@ -21,6 +21,7 @@ import lit_optim
 from lit_optim.errors import HyperparameterError, IncompatibleConfigError
 from lit_optim.optimizers.in_backward import InBackwardOptimizer
 from lit_optim.spec import CPU, GRAD_ACCUM
+from lit_optim.task.module import LanguageModelTask
 from lit_optim.task.tiny_lm import TinyLM
 
 SCHEDULE = {"name": "cosine", "warmup_steps": 2}
@@ -160,3 +161,33 @@ def test_invalid_in_backward_requests_fail_when_the_module_is_built(tmp_path):
     with pytest.raises(HyperparameterError, match="positive"):
         make_module({"name": "adamw_torch", "in_backward": True, "clip_per_param_norm": -1})
     make_module({"name": "galore_adamw_layerwise", "in_backward": True})  # redundant, accepted
+
+
+class ManualTask(LanguageModelTask):
+    """Manual optimization, the in-backward way: backward runs inside `opt.step(closure)`."""
+
+    def __init__(self, optim) -> None:
+        super().__init__(model=TINY_MODEL, optim=optim)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = self._loss(batch)
+        opt.step(closure=lambda: self.manual_backward(loss))
+        opt.zero_grad()
+        self.log("train/loss", loss)
+        return loss
+
+
+def test_manual_optimization_steps_in_backward_and_advances_global_step():
+    import lightning as L
+    from harness import make_data
+
+    L.seed_everything(0, verbose=False)
+    module, probe = ManualTask({"name": "adamw_torch", "lr": 1e-2, "in_backward": True}), GradProbe()
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[probe])
+    trainer.fit(module, make_data())
+    assert trainer.global_step == 3
+    assert probe.grads_alive == [0] * 3 and probe.max_alive_in_backward <= 1

@@ -229,6 +229,14 @@ class AdamMini(torch.optim.Optimizer):
         return loss
 
     @classmethod
+    def accepted_arguments_for(cls, spec) -> dict:
+        """Hyperparameters of the registry name: the constructor's, less `partitions` (computed from the model)."""
+        import inspect
+
+        sig = inspect.signature(cls.__init__)
+        return {n: q.default for n, q in sig.parameters.items() if n not in ("self", "params", "partitions")}
+
+    @classmethod
     def build(cls, groups, spec, kwargs: dict, context) -> AdamMini:
         kwargs = dict(kwargs)
         infos = list(context.param_info.values()) if context is not None else []
