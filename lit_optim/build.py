@@ -6,7 +6,6 @@ before any optimizer is constructed, so errors arrive before step 1 and name the
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 from collections.abc import Iterable, Mapping
@@ -16,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lit_optim.errors import BackendNotInstalledError, DeviceRequirementError, HyperparameterError
+from lit_optim.errors import HyperparameterError
 from lit_optim.param_groups import GroupPlan, ParamInfo, build_param_groups
-from lit_optim.registry import get_spec
-from lit_optim.spec import CPU, OptimizerSpec
+from lit_optim.registry import get_spec, requirement_problem
+from lit_optim.spec import OptimizerSpec
 
 log = logging.getLogger("lit_optim")
 
@@ -92,26 +91,10 @@ def _plain(value: Any) -> Any:
 
 def check_available(spec: OptimizerSpec) -> None:
     """Backend installed and device adequate, or a clear error saying what to do."""
-    if importlib.util.find_spec(spec.backend_module) is None:
-        raise BackendNotInstalledError(
-            f"Optimizer {spec.name!r} needs the {spec.backend!r} package, which is not installed. Install it with: "
-            f"{spec.install_hint}"
-        )
-    if spec.requires_cuda or CPU not in spec.supports:
-        if not torch.cuda.is_available():
-            raise DeviceRequirementError(
-                f"Optimizer {spec.name!r} runs only on a CUDA GPU and this machine has none. Train on a GPU, or pick "
-                "a CPU-capable optimizer (`lit-optim list` shows which)."
-            )
-        if spec.min_compute_capability:
-            have = torch.cuda.get_device_capability()
-            if have < spec.min_compute_capability:
-                need = ".".join(map(str, spec.min_compute_capability))
-                raise DeviceRequirementError(
-                    f"Optimizer {spec.name!r} needs CUDA compute capability >= {need} (FP8: Ada or Hopper); this GPU "
-                    f"({torch.cuda.get_device_name()}) is {have[0]}.{have[1]}. Use an 8-bit optimizer instead, e.g. "
-                    f"'adamw_torch_8bit'."
-                )
+    problem = requirement_problem(spec)
+    if problem is not None:
+        error, _, message = problem
+        raise error(message)
 
 
 def accepted_arguments(spec: OptimizerSpec) -> dict[str, Any]:

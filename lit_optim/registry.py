@@ -10,7 +10,13 @@ import fnmatch
 import importlib.util
 from dataclasses import dataclass
 
-from lit_optim.errors import UnknownOptimizerError, UnsupportedOptimizerError
+from lit_optim.errors import (
+    BackendNotInstalledError,
+    DeviceRequirementError,
+    LitOptimError,
+    UnknownOptimizerError,
+    UnsupportedOptimizerError,
+)
 from lit_optim.spec import CPU, OptimizerSpec
 from lit_optim.hf_names import HF_TRAINER_NAMES, OUT_OF_SCOPE
 
@@ -70,19 +76,36 @@ class Availability:
     reason: str = ""
 
 
-def availability(spec: OptimizerSpec) -> Availability:
-    """Whether `spec` can run on this machine, and if not, why (without importing heavy backends)."""
+def requirement_problem(spec: OptimizerSpec) -> tuple[type[LitOptimError], str, str] | None:
+    """What keeps `spec` from running here, as (error type, short reason, full message with the fix), or None.
+
+    The one place these checks live: `availability` shows the short reason, `build.check_available` raises.
+    """
     if importlib.util.find_spec(spec.backend_module) is None:
-        return Availability(False, f"{spec.backend} not installed: {spec.install_hint}")
+        return (BackendNotInstalledError, f"{spec.backend} not installed: {spec.install_hint}",
+                f"Optimizer {spec.name!r} needs the {spec.backend!r} package, which is not installed. Install it "
+                f"with: {spec.install_hint}")
     if spec.requires_cuda or CPU not in spec.supports:
         import torch
 
         if not torch.cuda.is_available():
-            return Availability(False, "needs a CUDA GPU")
-        if spec.min_compute_capability and torch.cuda.get_device_capability() < spec.min_compute_capability:
-            major, minor = spec.min_compute_capability
-            return Availability(False, f"needs compute capability >= {major}.{minor}")
-    return Availability(True)
+            return (DeviceRequirementError, "needs a CUDA GPU",
+                    f"Optimizer {spec.name!r} runs only on a CUDA GPU and this machine has none. Train on a GPU, or "
+                    "pick a CPU-capable optimizer (`lit-optim list` shows which).")
+        have = torch.cuda.get_device_capability()
+        if spec.min_compute_capability and have < spec.min_compute_capability:
+            need = ".".join(map(str, spec.min_compute_capability))
+            return (DeviceRequirementError, f"needs compute capability >= {need}",
+                    f"Optimizer {spec.name!r} needs CUDA compute capability >= {need} (FP8: Ada or Hopper); this "
+                    f"GPU ({torch.cuda.get_device_name()}) is {have[0]}.{have[1]}. Use an 8-bit optimizer instead, "
+                    "e.g. 'adamw_torch_8bit'.")
+    return None
+
+
+def availability(spec: OptimizerSpec) -> Availability:
+    """Whether `spec` can run on this machine, and if not, why (without importing heavy backends)."""
+    problem = requirement_problem(spec)
+    return Availability(True) if problem is None else Availability(False, problem[1])
 
 
 def describe(name: str) -> str:
