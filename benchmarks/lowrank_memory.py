@@ -10,7 +10,8 @@ optimizer are freed and the allocator's peak is reset in between. For each it re
 
 GPU (the ~1B Llama architecture: hidden 2048, intermediate 8192, 16 layers, 32 heads, 8 KV heads, bf16 weights):
 
-    python benchmarks/lowrank_memory.py --out lowrank_memory.json
+    python benchmarks/lowrank_memory.py --out lowrank_memory.json                              # bf16 weights
+    python benchmarks/lowrank_memory.py --dtype fp32 --autocast --out lowrank_memory_mixed.json  # bf16-mixed
 
 CPU smoke test (tiny model, seconds; what CI runs):
 
@@ -128,7 +129,8 @@ def run_one(label, name, hp, args, device, dtype) -> dict:
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device)
 
     def closure():
-        out = model(tokens[:, :-1])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
+            out = model(tokens[:, :-1])
         logits = out.logits if hasattr(out, "logits") else out
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
         loss.backward()
@@ -203,6 +205,8 @@ def main(argv=None) -> int:
                         help="GaLore/APOLLO rank (default 512, the papers' 1B setting; 16 with --tiny)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="weights (default bf16; fp32 --tiny)")
+    parser.add_argument("--autocast", action="store_true",
+                        help="run forward under bf16 autocast (with --dtype fp32: Lightning's precision='bf16-mixed')")
     parser.add_argument("--names", nargs="*", default=None, help="labels to run (default: all; see CONFIGS)")
     parser.add_argument("--out", type=str, default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -244,7 +248,7 @@ def main(argv=None) -> int:
     print(table(rows))
     meta = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "arch": args.arch, "tiny": tiny, "dtype": str(dtype), "vocab": args.vocab,
+        "torch": torch.__version__, "arch": args.arch, "tiny": tiny, "dtype": str(dtype), "autocast_bf16": args.autocast, "vocab": args.vocab,
         "batch": args.batch, "seq": args.seq, "steps": args.steps, "rank": args.rank, "table_unit": UNIT,
         "model": (llama_tiny if tiny else llama_1b)(args.vocab) if args.arch == "llama" else "TinyLM",
     }

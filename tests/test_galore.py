@@ -98,6 +98,56 @@ def test_projection_sides_and_round_trip(proj_type):
         assert torch.allclose(w4, u[:, :4] @ torch.diag(s[:4]) @ vh[:4], atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(48, 160), (160, 48)])
+def test_gram_eigh_gives_the_svd_subspace(shape):
+    # A gradient-like matrix: a decaying spectrum, so the top-8 subspace is well defined.
+    torch.manual_seed(0)
+    m, n = shape
+    u, _ = torch.linalg.qr(torch.randn(m, min(m, n)))
+    v, _ = torch.linalg.qr(torch.randn(n, min(m, n)))
+    s = torch.logspace(0, -3, min(m, n))
+    g = (u * s) @ v.t()
+    side = projection_side(shape, "std")
+    fast = next(f for f in svd_factors(g, 8, side, "gram_eigh") if f is not None)
+    exact = next(f for f in svd_factors(g, 8, side, "svd") if f is not None)
+    assert fast.shape == exact.shape == ((m, 8) if side == LEFT else (8, n))
+    # Same subspace: the projectors P Pᵀ agree (singular vectors are only defined up to sign).
+    outer = (lambda f: f @ f.t()) if side == LEFT else (lambda f: f.t() @ f)
+    assert torch.allclose(outer(fast), outer(exact), atol=1e-4)
+
+
+def test_svd_method_is_checked_used_and_survives_older_checkpoints(monkeypatch):
+    from lit_optim.optimizers import galore
+
+    model = tiny()
+    with pytest.raises(HyperparameterError, match="svd_method must be one of gram_eigh, svd"):
+        lit_optim.build_optimizer(model, "galore_adamw", svd_method="qr")
+    opt = lit_optim.build_optimizer(model, "galore_adamw", rank=8)
+    assert {g["svd_method"] for g in opt.param_groups} == {"gram_eigh"}
+
+    used = []
+    monkeypatch.setattr(galore, "svd_factors", lambda *a: used.append(a[3]) or svd_factors(*a))
+    tokens = torch.randint(0, 256, (4, 17))
+
+    def step(o):
+        F.cross_entropy(model(tokens[:, :-1]).reshape(-1, 256), tokens[:, 1:].reshape(-1)).backward()
+        o.step()
+        o.zero_grad()
+
+    step(opt)
+    assert used and set(used) == {"gram_eigh"}
+    # A state dict saved before svd_method existed has groups without it: it loads, and the configured method stays.
+    saved = opt.state_dict()
+    for g in saved["param_groups"]:
+        del g["svd_method"]
+        g["update_proj_gap"] = 1  # refresh at the next step
+    resumed = lit_optim.build_optimizer(model, "galore_adamw", rank=8, svd_method="svd")
+    resumed.load_state_dict(saved)
+    used.clear()
+    step(resumed)
+    assert used and set(used) == {"svd"}
+
+
 def test_projector_refreshes_every_update_proj_gap_steps():
     model = tiny()
     opt = lit_optim.build_optimizer(model, "galore_adamw", lr=1e-2, rank=8, update_proj_gap=3)

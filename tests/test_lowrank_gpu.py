@@ -18,7 +18,8 @@ pytestmark = pytest.mark.gpu
 def test_trains_and_resumes_on_cuda(name, hp, tmp_path):
     t1, _, _ = assert_trains_and_resumes({"name": name, "lr": 1e-2, **hp}, tmp_path, accelerator="gpu",
                                          drop=0.1 if name == "adalomo" else 0.3)
-    assert next(iter(t1.lightning_module.parameters())).is_cuda
+    # Lightning moves the module and the optimizer state back to the CPU at teardown; the run itself was on CUDA.
+    assert t1.strategy.root_device.type == "cuda"
     assert_state_matches_theory(t1.optimizers[0])
 
 

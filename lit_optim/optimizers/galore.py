@@ -5,14 +5,15 @@ Every ``update_proj_gap`` steps the projector of a targeted weight is refreshed 
 optimizer (AdamW, 8-bit AdamW, Adafactor, ...) steps on R in the low-rank space, and its update is projected back and
 scaled by ``scale``: W += scale * P U. The inner optimizer's moments live in the low-rank space: for an m x n weight
 (m <= n, "std") GaLore keeps m*r projector elements plus the inner's state of an r x n tensor, instead of the inner's
-state of m x n. Defaults are Hugging Face's: rank 128, update_proj_gap 200, scale 0.25, proj_type "std".
+state of m x n. Defaults are Hugging Face's: rank 128, update_proj_gap 200, scale 0.25, proj_type "std". The
+singular vectors come from the Gram matrix's eigenvectors by default (``svd_method``; see projection.svd_factors).
 """
 
 from __future__ import annotations
 
 from lit_optim.errors import HyperparameterError
 from lit_optim.optimizers.lowrank import LowRankOptimizer
-from lit_optim.optimizers.projection import add_back_projection, svd_factors
+from lit_optim.optimizers.projection import SVD_METHODS, add_back_projection, svd_factors
 
 
 class GaLore(LowRankOptimizer):
@@ -25,6 +26,7 @@ class GaLore(LowRankOptimizer):
         update_proj_gap: int = 200,
         scale: float = 0.25,
         proj_type: str = "std",
+        svd_method: str = "gram_eigh",
         target_modules=None,
         inner: str = "adamw_torch",
         inner_kwargs=None,
@@ -37,14 +39,16 @@ class GaLore(LowRankOptimizer):
         if targets is None and target_modules is not None:
             raise HyperparameterError("target_modules needs module names: build GaLore with "
                                       "lit_optim.build_optimizer(model, 'galore_adamw', target_modules=...).")
+        if svd_method not in SVD_METHODS:
+            raise HyperparameterError(f"svd_method must be one of {', '.join(SVD_METHODS)}; got {svd_method!r}.")
         defaults = {"lr": lr, "weight_decay": weight_decay, "rank": int(rank), "update_proj_gap": int(update_proj_gap),
-                    "scale": float(scale), "proj_type": proj_type}
+                    "scale": float(scale), "proj_type": proj_type, "svd_method": svd_method}
         super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, targets=targets, context=context,
                          fp32_state_params=fp32_state_params)
 
     def _factors(self, p, group, grad, own, step, side):
         if step % int(group["update_proj_gap"]) == 0 or not any(k in own for k in ("proj_left", "proj_right")):
-            left, right = svd_factors(grad, group["rank"], side)
+            left, right = svd_factors(grad, group["rank"], side, group["svd_method"])
             for key, value in (("proj_left", left), ("proj_right", right)):
                 if value is not None:
                     own[key] = value

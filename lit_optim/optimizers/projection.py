@@ -58,13 +58,35 @@ def factor_elements(shape: Sequence[int], rank: int, side: str) -> int:
 
 
 # --- factors -------------------------------------------------------------------------------------------------------
-def svd_factors(grad: torch.Tensor, rank: int, side: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Top-r left (m x r) and/or right (r x n) singular vectors of the gradient, in fp32."""
+SVD_METHODS = ("gram_eigh", "svd")
+
+
+def svd_factors(grad: torch.Tensor, rank: int, side: str, method: str = "gram_eigh"
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Top-r left (m x r) and/or right (r x n) singular vectors of the gradient, in fp32.
+
+    ``"gram_eigh"`` takes them as the top eigenvectors of the Gram matrix on the projected side (G Gᵀ for the left,
+    Gᵀ G for the right) -- the same subspace, from one symmetric eigenproblem of the smaller dimension. On a 1B Llama
+    (rank 512, H200) that refreshes all projectors 9.4x faster than ``torch.linalg.svd`` and keeps 99.9% of the
+    gradient energy the exact SVD keeps (benchmarks/galore_svd.py). ``"svd"`` is the reference's full SVD; it is also
+    used where the Gram matrix would be the larger one (``proj_type`` "reverse_std", "full").
+    """
     r = effective_rank(grad.shape, rank)
-    u, _, vh = torch.linalg.svd(grad.detach().float(), full_matrices=False)
+    g = grad.detach().float()
+    m, n = g.shape
+    if method == "gram_eigh" and side == LEFT and m <= n:
+        return _top_eigenvectors(g @ g.t(), r), None
+    if method == "gram_eigh" and side == RIGHT and n <= m:
+        return None, _top_eigenvectors(g.t() @ g, r).t().contiguous()
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
     left = u[:, :r].contiguous() if side in (LEFT, FULL) else None
     right = vh[:r].contiguous() if side in (RIGHT, FULL) else None
     return left, right
+
+
+def _top_eigenvectors(gram: torch.Tensor, r: int) -> torch.Tensor:
+    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
+    return vectors[:, -r:].flip(-1).contiguous()
 
 
 def random_factors(shape: Sequence[int], rank: int, side: str, seed: int, device) -> tuple[torch.Tensor | None, ...]:
