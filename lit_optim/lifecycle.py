@@ -30,12 +30,21 @@ def _set_mode(trainer, train: bool) -> None:
             opt.train() if train else opt.eval()
 
 
+# bitsandbytes' Optimizer8bit.get_state_buffer pages state only for parameters of at least this many elements.
+BNB_PAGED_MIN_NUMEL = 100_000
+
+
 def repage(optimizer) -> int:
     """Move bitsandbytes state tensors that lost paging (after `load_state_dict`) back into paged buffers."""
     moved = 0
     if not getattr(optimizer, "is_paged", False):
         return moved
     for p, state in optimizer.state.items():
+        # bitsandbytes pages all of a parameter's state or none of it, by the *parameter's* size; judging each state
+        # tensor by its own size would page AdEMAMix's double-width state1 without its state2, and its prefetch then
+        # fails on the unpaged state2.
+        if p.numel() < BNB_PAGED_MIN_NUMEL:
+            continue
         for key in ("state1", "state2"):
             t = state.get(key)
             if isinstance(t, torch.Tensor) and t.is_cuda and not getattr(t, "is_paged", False):

@@ -4,6 +4,8 @@ needs a GPU even to start -- is refused before step 1 with the reason."""
 from __future__ import annotations
 
 import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
 from lowrank_support import LOWRANK_HP, assert_state_matches_theory, assert_trains_and_resumes, fit_must_fail
 
 from lit_optim.errors import IncompatibleConfigError
@@ -16,11 +18,25 @@ pytestmark = pytest.mark.gpu
     ("adam_mini", {}), ("galore_adamw_layerwise", LOWRANK_HP), ("adalomo", {}),
 ])
 def test_trains_and_resumes_on_cuda(name, hp, tmp_path):
+    checked = StateOnCuda()
     t1, _, _ = assert_trains_and_resumes({"name": name, "lr": 1e-2, **hp}, tmp_path, accelerator="gpu",
-                                         drop=0.1 if name == "adalomo" else 0.3)
-    # Lightning moves the module and the optimizer state back to the CPU at teardown; the run itself was on CUDA.
+                                         drop=0.1 if name == "adalomo" else 0.3, callbacks=[checked])
     assert t1.strategy.root_device.type == "cuda"
-    assert_state_matches_theory(t1.optimizers[0])
+    assert checked.runs == 2  # the straight run and the resumed one
+
+
+class StateOnCuda(Callback):
+    """State bytes against the theory at the end of training, while the state is still on the GPU: at teardown
+    Lightning moves optimizer state to the CPU tensor by tensor, which unshares bitsandbytes' quantization maps."""
+
+    runs = 0
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        opt = trainer.optimizers[0]
+        tensors = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        assert all(t.is_cuda for t in tensors if t.numel() > 1)  # not `step` counters, which torch keeps on the CPU
+        assert_state_matches_theory(opt)
+        self.runs += 1
 
 
 @pytest.mark.parametrize("name, reason", [

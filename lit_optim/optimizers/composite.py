@@ -76,28 +76,38 @@ def _private_bnb_manager(opt, fp32_state_params: Iterable[torch.Tensor]) -> None
 
 
 def share_bnb_qmaps(subs: Iterable[torch.optim.Optimizer]) -> None:
-    """Let bitsandbytes sub-optimizers share one set of quantization maps (read-only tables), as one optimizer does."""
-    shared: dict[str, torch.Tensor] | None = None
-    for opt in _leaves(subs):
-        maps = getattr(opt, "name2qmap", None)
-        if not maps:
-            continue
-        if shared is None:
-            shared = maps
-            continue
-        by_value = {}
-        for name, table in maps.items():
-            if name in shared and shared[name].device == table.device and torch.equal(shared[name], table):
-                by_value[id(table)] = shared[name]
-                maps[name] = shared[name]
+    """Let bitsandbytes sub-optimizers share one set of quantization maps (read-only tables), as one optimizer does.
+
+    The sub-optimizers get one ``name2qmap`` dict object, not just equal entries: bitsandbytes moves its maps to the
+    parameter's device on the first step by replacing the dict's entries, so one shared dict makes one device copy
+    where equal dicts would make one per sub-optimizer. State loaded from a checkpoint holds a copy of the maps per
+    parameter, already on the parameter's device: those are replaced by the shared tables, and a shared table still on
+    another device is replaced by the loaded copy (bitsandbytes' own move to that device then finds it there).
+    """
+    leaves = [opt for opt in _leaves(subs) if getattr(opt, "name2qmap", None)]
+    if not leaves:
+        return
+    shared = leaves[0].name2qmap
+    for opt in leaves:
+        maps = opt.name2qmap
+        if maps is not shared and maps.keys() == shared.keys() and all(_same(maps[k], shared[k]) for k in maps):
+            opt.name2qmap = maps = shared
         for state in opt.state.values():
             for key, value in list(state.items()):
-                if isinstance(value, torch.Tensor) and key.startswith("qmap"):
-                    for table in shared.values():
-                        if value is not table and value.shape == table.shape and value.device == table.device \
-                                and torch.equal(value, table):
-                            state[key] = table
-                            break
+                if not (isinstance(value, torch.Tensor) and key.startswith("qmap")):
+                    continue
+                for name, table in maps.items():
+                    if value is table:
+                        break
+                    if _same(value, table):
+                        if table.device != value.device:
+                            maps[name] = value
+                        state[key] = maps[name]
+                        break
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.to(a.device))
 
 
 def _leaves(optimizers: Iterable[torch.optim.Optimizer]):
