@@ -109,7 +109,8 @@ def main(argv=None) -> int:
                 exact = top_subspace(g, r, side, "svd") if method != "svd" else basis
                 quality.append(kept_energy(g, basis, side) / kept_energy(g, exact, side))
             timed = times[len(times) // 2:]
-            rows.append({"shape": list(shape), "side": side, "rank": r, "method": method, "count_in_model": counts[shape],
+            rows.append({"shape": list(shape), "side": side, "rank": r, "method": method,
+                         "count_in_model": counts[shape],
                          "ms": statistics.median(timed) * 1e3, "kept_energy_vs_svd": min(quality)})
             print(f"{str(shape):14s} {side:5s} r={r:4d} {method:10s} {rows[-1]['ms']:9.1f} ms  "
                   f"energy vs svd {rows[-1]['kept_energy_vs_svd']:.6f}", flush=True)

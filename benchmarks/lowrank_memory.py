@@ -248,7 +248,8 @@ def main(argv=None) -> int:
     print(table(rows))
     meta = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "arch": args.arch, "tiny": tiny, "dtype": str(dtype), "autocast_bf16": args.autocast, "vocab": args.vocab,
+        "torch": torch.__version__, "arch": args.arch, "tiny": tiny, "dtype": str(dtype), "autocast_bf16": args.autocast,
+        "vocab": args.vocab,
         "batch": args.batch, "seq": args.seq, "steps": args.steps, "rank": args.rank, "table_unit": UNIT,
         "model": (llama_tiny if tiny else llama_1b)(args.vocab) if args.arch == "llama" else "TinyLM",
     }
