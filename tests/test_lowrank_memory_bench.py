@@ -62,3 +62,19 @@ def test_tiny_projector_benchmark_compares_the_solvers_on_real_gradients(tmp_pat
         if r["method"] in ("svd", "gram_eigh"):
             assert r["kept_energy_vs_svd"] > 0.999, r
     assert set(data["refresh_ms"]) == {"svd", "gram_eigh", "lowrank"}
+
+
+def test_tiny_lightning_memory_benchmark_runs_each_configuration_through_the_trainer(tmp_path):
+    bench = load_benchmark("lightning_memory")
+    out = tmp_path / "lightning_memory.json"
+    names = ["adamw_torch", "adamw_torch in_backward", "galore_adamw_8bit_layerwise", "lomo"]
+    assert bench.main(["--tiny", "--steps", "2", "--names", *names, "--out", str(out)]) == 0
+    rows = {r["label"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == names
+    assert all(r["global_step"] == 2 for r in rows.values())  # in-backward steps advance Lightning's step too
+    assert rows["adamw_torch in_backward"]["class"] == "InBackwardOptimizer"
+    adamw = rows["adamw_torch"]["state_bytes"]
+    assert rows["adamw_torch in_backward"]["state_bytes"] == adamw
+    assert abs(adamw - 2 * rows["adamw_torch"]["weights_bytes"]) < 0.01 * adamw  # two fp32 moments (+ step counters)
+    assert 0 < rows["galore_adamw_8bit_layerwise"]["state_bytes"] < 0.5 * adamw
+    assert rows["lomo"]["state_bytes"] == 0
