@@ -2,7 +2,8 @@
 `LanguageModelTask` (the `OptimizerMixin` path users take), bf16-mixed, with and without activation checkpointing.
 
 `lowrank_memory.py` measures the optimizers in a plain loop; this measures what a Lightning user gets: the mixin's
-param groups, the in-backward hooks installed by the mixin, Lightning's closure and precision plugin. Every
+param groups, the in-backward hooks installed by the mixin, Lightning's closure and precision plugin, and the mixin's
+release of gradients after each step (rows marked "grads kept" turn it off). Every
 configuration is one `Trainer.fit` in this one process, on a freshly built model; between fits the previous module,
 trainer and optimizer are freed and the allocator's peak is reset when training starts. For each it reports
 
@@ -43,15 +44,18 @@ from lit_optim.state_bytes import total_state_bytes  # noqa: E402
 from lit_optim.task.data import SyntheticTextDataModule  # noqa: E402
 from lit_optim.task.module import LanguageModelTask  # noqa: E402
 
-# (label, optim node as a user writes it; "rank" is filled in from --rank where the name takes one)
+# (label, optim node as a user writes it, OptimizerMixin's release_grads_after_step). "rank" is filled in from --rank.
+# The "grads kept" rows are Lightning's own behaviour: gradients live on until the next step's closure zeroes them.
 CONFIGS = [
-    ("adamw_torch", {"name": "adamw_torch"}),
-    ("adamw_torch in_backward", {"name": "adamw_torch", "in_backward": True}),
-    ("galore_adamw", {"name": "galore_adamw", "rank": None}),
-    ("galore_adamw_8bit_layerwise", {"name": "galore_adamw_8bit_layerwise", "rank": None}),
-    ("apollo_mini", {"name": "apollo_mini"}),
-    ("adam_mini", {"name": "adam_mini"}),
-    ("lomo", {"name": "lomo"}),
+    ("adamw_torch", {"name": "adamw_torch"}, True),
+    ("adamw_torch, grads kept", {"name": "adamw_torch"}, False),
+    ("adamw_torch in_backward", {"name": "adamw_torch", "in_backward": True}, True),
+    ("galore_adamw", {"name": "galore_adamw", "rank": None}, True),
+    ("galore_adamw, grads kept", {"name": "galore_adamw", "rank": None}, False),
+    ("galore_adamw_8bit_layerwise", {"name": "galore_adamw_8bit_layerwise", "rank": None}, True),
+    ("apollo_mini", {"name": "apollo_mini"}, True),
+    ("adam_mini", {"name": "adam_mini"}, True),
+    ("lomo", {"name": "lomo"}, True),
 ]
 
 
@@ -88,7 +92,7 @@ class PeakMemory(Callback):
             self.peak = torch.cuda.max_memory_allocated()
 
 
-def run_one(label: str, optim: dict, args, device: str) -> dict:
+def run_one(label: str, optim: dict, release: bool, args, device: str) -> dict:
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -96,7 +100,7 @@ def run_one(label: str, optim: dict, args, device: str) -> dict:
     model = {"arch": "llama", **(llama_tiny if args.tiny else llama_1b)(args.vocab),
              "gradient_checkpointing": args.gradient_checkpointing}
     with torch.device(device):  # build where it trains: no fp32 copy of 1B weights on the host first
-        module = LanguageModelTask(model=model, optim=optim)
+        module = LanguageModelTask(model=model, optim=optim, release_grads_after_step=release)
     data = SyntheticTextDataModule(vocab_size=args.vocab, seq_len=args.seq, batch_size=args.batch,
                                    train_tokens=(args.steps + 1) * args.batch * (args.seq + 1), val_tokens=args.seq + 1)
     probe = PeakMemory()
@@ -108,7 +112,8 @@ def run_one(label: str, optim: dict, args, device: str) -> dict:
     )
     trainer.fit(module, data)
     row = {
-        "label": label, "optim": optim, "class": type(trainer.optimizers[0]).__name__,
+        "label": label, "optim": optim, "release_grads_after_step": release,
+        "class": type(trainer.optimizers[0]).__name__,
         "global_step": trainer.global_step, "state_bytes": probe.state,
         "weights_bytes": sum(p.numel() * p.element_size() for p in module.parameters()),
         "peak_above_start_bytes": None if probe.peak is None else probe.peak - probe.base,
@@ -161,12 +166,12 @@ def main(argv=None) -> int:
     unit = "MiB" if args.tiny else "GiB"
 
     rows = []
-    for label, optim in CONFIGS:
+    for label, optim, release in CONFIGS:
         if args.names and label not in args.names:
             continue
         optim = {"lr": 1e-4, **{k: (args.rank if k == "rank" else v) for k, v in optim.items()}}
         try:
-            rows.append(run_one(label, optim, args, device))
+            rows.append(run_one(label, optim, release, args, device))
         except Exception as err:  # one failing configuration must not hide the others
             rows.append({"label": label, "optim": optim, "error": f"{type(err).__name__}: {err}"})
         print(table(rows[-1:], unit).splitlines()[-1], flush=True)

@@ -220,3 +220,43 @@ def test_configure_optimizers_without_a_trainer():
     module = Regressor(optim={"name": "lion_32bit", "lr": 1e-4})
     opt = module.configure_optimizers()
     assert type(opt).__name__ == "Lion32bit" and opt.param_groups[0]["lr"] == 1e-4
+
+
+class GradsAtBatchEnd(Callback):
+    """Whether any gradient is still alive when each training batch ends (after its optimizer step, if any)."""
+
+    def __init__(self) -> None:
+        self.alive: list[bool] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.alive.append(any(p.grad is not None for p in pl_module.parameters()))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradients_are_released_after_each_step_without_changing_training(accumulate):
+    # Lightning zeroes gradients only in the next step's closure, after its forward: the mixin frees them at once.
+    # With accumulation they must survive the micro-batches between steps, and training must be bit-identical.
+    def fit(release: bool):
+        L.seed_everything(0, verbose=False)
+        module = Regressor(optim={"name": "adamw_torch", "lr": 1e-2})
+        module.release_grads_after_step = release
+        probe = GradsAtBatchEnd()
+        L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, accumulate_grad_batches=accumulate, callbacks=[probe]).fit(
+            module, regression_data())
+        return module, probe.alive
+
+    released, alive = fit(True)
+    kept, alive_kept = fit(False)
+    stepped = [(i + 1) % accumulate == 0 for i in range(len(alive))]
+    assert alive == [not s for s in stepped]  # freed after each step, kept within an accumulation window
+    assert all(alive_kept)
+    assert all(torch.equal(a, b) for a, b in zip(released.parameters(), kept.parameters()))
+
+
+def test_release_grads_after_step_is_a_constructor_option():
+    from lit_optim.task.module import LanguageModelTask
+
+    assert Regressor().release_grads_after_step is True
+    task = LanguageModelTask(model={k: v for k, v in TINY_MODEL.items()}, release_grads_after_step=False)
+    assert task.release_grads_after_step is False and task.hparams.release_grads_after_step is False

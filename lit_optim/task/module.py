@@ -20,8 +20,9 @@ class LanguageModelTask(OptimizerMixin, L.LightningModule):
         model: Mapping[str, Any] | None = None,
         optim: str | Mapping[str, Any] | None = "adamw_torch",
         scheduler: Mapping[str, Any] | None = None,
+        release_grads_after_step: bool = True,
     ) -> None:
-        super().__init__(optim=optim, scheduler=scheduler)
+        super().__init__(optim=optim, scheduler=scheduler, release_grads_after_step=release_grads_after_step)
         # Plain containers in the checkpoint: a Hydra DictConfig there would not load with weights_only=True.
         model, optim, scheduler = _plain(model), _plain(optim), _plain(scheduler)
         self.save_hyperparameters()
