@@ -11,7 +11,7 @@ accumulation, device) when optimizers are configured -- both before step 1.
 
 Gradients are released (set to None) right after each optimizer step, as Hugging Face's Trainer does. Lightning only
 zeroes them inside the next step's closure, after its forward pass, so without this the previous step's gradients
-and the next forward's activations are alive together (on a 1B Llama: +3.8 GiB at the peak with GaLore; see
+and the next forward's activations are alive together (on a 1B Llama: +3.7 GiB at the peak with GaLore; see
 benchmarks/README.md). ``release_grads_after_step=False`` keeps them until then, for code that reads ``.grad`` after
 the step (in ``on_train_batch_end``, say).
 """
