@@ -80,7 +80,10 @@ class OptimizerMixin:
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.release_grads_after_step = bool(release_grads_after_step)
+        if not isinstance(release_grads_after_step, bool):
+            raise HyperparameterError(
+                f"release_grads_after_step must be True or False; got {release_grads_after_step!r}.")
+        self.release_grads_after_step = release_grads_after_step
         self.optim_config = normalize_optim_config(optim)
         self.scheduler_config = _plain(scheduler) if scheduler else None
         # Fail now, not after the Trainer has started: name, backend, device, hyperparameter names and types.

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_optim import OptimizerMixin
+from lit_optim.errors import HyperparameterError
 from lit_optim.lifecycle import OptimizerLifecycle
 
 # The whole adoption, as a user writes it: the base class, the two arguments, and no configure_optimizers.
@@ -258,5 +259,7 @@ def test_release_grads_after_step_is_a_constructor_option():
     from lit_optim.task.module import LanguageModelTask
 
     assert Regressor().release_grads_after_step is True
-    task = LanguageModelTask(model={k: v for k, v in TINY_MODEL.items()}, release_grads_after_step=False)
+    task = LanguageModelTask(model=dict(TINY_MODEL), release_grads_after_step=False)
     assert task.release_grads_after_step is False and task.hparams.release_grads_after_step is False
+    with pytest.raises(HyperparameterError, match="release_grads_after_step must be True or False; got 'no'"):
+        LanguageModelTask(model=dict(TINY_MODEL), release_grads_after_step="no")

@@ -67,7 +67,7 @@ def svd_factors(grad: torch.Tensor, rank: int, side: str, method: str = "gram_ei
 
     ``"gram_eigh"`` takes them as the top eigenvectors of the Gram matrix on the projected side (G Gᵀ for the left,
     Gᵀ G for the right) -- the same subspace, from one symmetric eigenproblem of the smaller dimension. On a 1B Llama
-    (rank 512, H200) that refreshes all projectors 9.4x faster than ``torch.linalg.svd`` and keeps 99.9% of the
+    (rank 512, H200) that refreshes all projectors 9.0x faster than ``torch.linalg.svd`` and keeps 99.9% of the
     gradient energy the exact SVD keeps (benchmarks/galore_svd.py). ``"svd"`` is the reference's full SVD; it is also
     used where the Gram matrix would be the larger one (``proj_type`` "reverse_std", "full").
     """
