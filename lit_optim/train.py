@@ -66,6 +66,7 @@ def build_run(cfg: DictConfig):
         model=_container(cfg.model),
         optim=_container(cfg.optim),
         scheduler=_container(cfg.scheduler) if cfg.get("scheduler") else None,
+        release_grads_after_step=cfg.get("release_grads_after_step", True),
     )
     datamodule = instantiate(cfg.data)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]

@@ -81,6 +81,8 @@ BAD_INPUT = {
     # ... and added, lit_optim refuses it: one line, the fix included, exit code 2.
     "unknown-hyperparameter": ("+optim.betaz=0.9", 2, ["lit-optim: Optimizer 'adamw_torch' (torch.optim.AdamW) does "
                                                        "not take hyperparameter 'betaz'. Did you mean betas?"]),
+    "release-grads-not-bool": ("release_grads_after_step=maybe", 2,
+                               ["lit-optim: release_grads_after_step must be True or False; got 'maybe'."]),
 }
 if not torch.cuda.is_available():
     # A GPU recipe on a machine without one is refused before the 8B model is built.
