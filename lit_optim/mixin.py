@@ -9,11 +9,12 @@ is ``None`` (constant LR) or ``{"name": "cosine"|"linear"|"constant", "warmup_st
 The request is validated when the module is constructed, and against the Trainer (strategy, clipping,
 accumulation, device) when optimizers are configured -- both before step 1.
 
-Gradients are released (set to None) right after each optimizer step, as Hugging Face's Trainer does. Lightning only
-zeroes them inside the next step's closure, after its forward pass, so without this the previous step's gradients
-and the next forward's activations are alive together (on a 1B Llama: +3.7 GiB at the peak with GaLore; see
-benchmarks/README.md). ``release_grads_after_step=False`` keeps them until then, for code that reads ``.grad`` after
-the step (in ``on_train_batch_end``, say).
+Gradients are released (set to None) at the end of each batch whose optimizer stepped, as Hugging Face's Trainer
+does after its step (see `lifecycle.py`). Lightning only zeroes them inside the next step's closure, after its
+forward pass, so without this the previous step's gradients and the next forward's activations are alive together
+(on a 1B Llama: +3.7 GiB at the peak with GaLore; see benchmarks/README.md). The Trainer's callbacks still see them
+in ``on_train_batch_end``; the module's own ``on_train_batch_end`` runs after the release.
+``release_grads_after_step=False`` keeps them until Lightning zeroes them.
 """
 
 from __future__ import annotations
@@ -123,12 +124,6 @@ class OptimizerMixin:
             )
         scheduler = build_scheduler(optimizer, self.scheduler_config, int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
-
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self.release_grads_after_step:
-            # The step has used them; with accumulation this is the end of the window, where Lightning zeroes too.
-            optimizer.zero_grad(set_to_none=True)
 
     def configure_callbacks(self):
         callbacks = super().configure_callbacks()

@@ -116,6 +116,26 @@ def test_gram_eigh_gives_the_svd_subspace(shape):
     assert torch.allclose(outer(fast), outer(exact), atol=1e-4)
 
 
+@pytest.mark.parametrize("magnitude", [1e-25, 1e20])
+def test_gram_eigh_survives_gradients_too_small_or_large_to_square(magnitude):
+    # (1e-25)^2 underflows fp32 and (1e20)^2 overflows it: the Gram route scales first, and leaves the user's
+    # matmul-precision setting as it found it.
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(48, 48))
+    v, _ = torch.linalg.qr(torch.randn(160, 48))
+    g = (u * torch.logspace(0, -3, 48)) @ v.t() * magnitude
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        fast, _ = svd_factors(g, 8, LEFT, "gram_eigh")
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    exact, _ = svd_factors(g, 8, LEFT, "svd")
+    assert torch.isfinite(fast).all()
+    assert torch.allclose(fast @ fast.t(), exact @ exact.t(), atol=1e-4)
+
+
 def test_svd_method_is_checked_used_and_survives_older_checkpoints(monkeypatch):
     from lit_optim.optimizers import galore
 

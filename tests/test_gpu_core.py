@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from harness import resume_matches, run_task
+from lightning.pytorch.callbacks import Callback
 
 import lit_optim
 from lit_optim.spec import CPU
@@ -67,3 +68,29 @@ def test_fused_adamw_on_gpu_is_fused():
     model = torch.nn.Linear(64, 64).cuda()
     opt = lit_optim.build_optimizer(model, "adamw_torch_fused")
     assert all(g["fused"] for g in opt.param_groups)
+
+
+class PagedAtTrainEnd(Callback):
+    """At the end of each fit (straight and resumed): every large state tensor of every paged (sub-)optimizer is
+    paged. After a resume that is lit_optim's re-paging at work: bitsandbytes' load_state_dict unpages."""
+
+    def __init__(self) -> None:
+        self.checked: list[int] = []
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from lit_optim.optimizers.composite import _leaves
+
+        leaves = [o for o in _leaves(trainer.optimizers) if getattr(o, "is_paged", False)]
+        large = [t for o in leaves for p, s in o.state.items() if p.numel() >= 1e5
+                 for k, t in s.items() if k in ("state1", "state2")]
+        assert large and all(getattr(t, "is_paged", False) for t in large)
+        self.checked.append(len(large))
+
+
+@pytest.mark.parametrize("hp", [{}, {"in_backward": True}], ids=["normal", "in_backward"])
+def test_paged_state_is_paged_again_after_resume(hp, tmp_path):
+    probe = PagedAtTrainEnd()
+    params_equal, state_equal, _ = resume_matches({"name": "paged_adamw_8bit", "lr": 1e-3, **hp}, tmp_path, steps=8,
+                                                  accelerator="gpu", model=WIDE_MODEL, callbacks=[probe])
+    assert params_equal and state_equal
+    assert len(probe.checked) == 2 and probe.checked[0] == probe.checked[1]

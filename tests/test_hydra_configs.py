@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -27,10 +27,12 @@ from lit_optim.spec import CPU
 from lit_optim.task.models import build_model
 from lit_optim.train import build_logger
 
-# These tests read the configs as the installed package Hydra finds (`lit_optim.conf` exists only once the project is
-# installed: conf/ is mapped into the package). On a GPU machine that runs the source tree uninstalled, skip them.
-pytest.importorskip("lit_optim.conf", reason="lit_optim.conf is not installed: run `pip install -e .` first")
-CONF = resources.files("lit_optim.conf")  # the package Hydra reads, wherever and however it is installed
+try:  # the package Hydra reads, wherever and however it is installed
+    CONF = resources.files("lit_optim.conf")
+    INSTALLED = True
+except ModuleNotFoundError:  # a source tree run uninstalled (the GPU machines): the same files, from conf/
+    CONF = Path(__file__).resolve().parent.parent / "conf"
+    INSTALLED = False
 TINY = {"arch": "tiny", "vocab_size": 256, "d_model": 64, "n_layers": 2, "n_heads": 2, "max_seq_len": 32}
 
 
@@ -41,8 +43,12 @@ def options(group: str) -> list[str]:
 @pytest.fixture(scope="module", autouse=True)
 def hydra_initialized():
     """One Hydra initialization for the module (it costs more than a compose)."""
-    with initialize_config_module("lit_optim.conf", version_base="1.3"):
-        yield
+    if INSTALLED:
+        with initialize_config_module("lit_optim.conf", version_base="1.3"):
+            yield
+    else:
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            yield
 
 
 def compose_train(tmp_path: Path, *overrides: str):

@@ -223,25 +223,25 @@ def test_configure_optimizers_without_a_trainer():
     assert type(opt).__name__ == "Lion32bit" and opt.param_groups[0]["lr"] == 1e-4
 
 
-class GradsAtBatchEnd(Callback):
-    """Whether any gradient is still alive when each training batch ends (after its optimizer step, if any)."""
+class GradsAtBatchStart(Callback):
+    """Whether any gradient is alive when each training batch starts, before its forward pass."""
 
     def __init__(self) -> None:
         self.alive: list[bool] = []
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.alive.append(any(p.grad is not None for p in pl_module.parameters()))
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_gradients_are_released_after_each_step_without_changing_training(accumulate):
-    # Lightning zeroes gradients only in the next step's closure, after its forward: the mixin frees them at once.
+    # Lightning zeroes gradients only in the next step's closure, after its forward: the mixin frees them before it.
     # With accumulation they must survive the micro-batches between steps, and training must be bit-identical.
-    def fit(release: bool):
+    def fit(release: bool, module_cls=Regressor):
         L.seed_everything(0, verbose=False)
-        module = Regressor(optim={"name": "adamw_torch", "lr": 1e-2})
+        module = module_cls(optim={"name": "adamw_torch", "lr": 1e-2})
         module.release_grads_after_step = release
-        probe = GradsAtBatchEnd()
+        probe = GradsAtBatchStart()
         L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                   enable_model_summary=False, accumulate_grad_batches=accumulate, callbacks=[probe]).fit(
             module, regression_data())
@@ -249,10 +249,17 @@ def test_gradients_are_released_after_each_step_without_changing_training(accumu
 
     released, alive = fit(True)
     kept, alive_kept = fit(False)
-    stepped = [(i + 1) % accumulate == 0 for i in range(len(alive))]
-    assert alive == [not s for s in stepped]  # freed after each step, kept within an accumulation window
-    assert all(alive_kept)
+    stepped_before = [False] + [i % accumulate == 0 for i in range(1, len(alive))]  # did batch i-1 end a window?
+    assert alive == [i > 0 and not s for i, s in enumerate(stepped_before)]
+    assert alive_kept == [i > 0 for i in range(len(alive_kept))]
     assert all(torch.equal(a, b) for a, b in zip(released.parameters(), kept.parameters()))
+
+    class OwnZeroGrad(Regressor):
+        def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+            optimizer.zero_grad(set_to_none=False)  # e.g. fixed gradient buffers for CUDA graphs: left alone
+
+    _, alive_own = fit(True, OwnZeroGrad)
+    assert alive_own == alive_kept
 
 
 def test_release_grads_after_step_is_a_constructor_option():

@@ -75,13 +75,29 @@ def svd_factors(grad: torch.Tensor, rank: int, side: str, method: str = "gram_ei
     g = grad.detach().float()
     m, n = g.shape
     if method == "gram_eigh" and side == LEFT and m <= n:
-        return _top_eigenvectors(g @ g.t(), r), None
+        return _top_eigenvectors(_gram(g), r), None
     if method == "gram_eigh" and side == RIGHT and n <= m:
-        return None, _top_eigenvectors(g.t() @ g, r).t().contiguous()
+        return None, _top_eigenvectors(_gram(g.t()), r).t().contiguous()
     u, _, vh = torch.linalg.svd(g, full_matrices=False)
     left = u[:, :r].contiguous() if side in (LEFT, FULL) else None
     right = vh[:r].contiguous() if side in (RIGHT, FULL) else None
     return left, right
+
+
+def _gram(g: torch.Tensor) -> torch.Tensor:
+    """G Gᵀ in full fp32, of G scaled to max |G| = 1 (same eigenvectors).
+
+    Squaring doubles the exponent range a gradient needs (|G| ~ 1e-20 would underflow to a zero matrix), and the
+    reduced-precision matmuls Lightning suggests enabling (TF32, bf16: ``torch.set_float32_matmul_precision``) would
+    blur the subspace; both cost nothing to avoid here.
+    """
+    g = g / g.abs().amax().clamp_min(torch.finfo(g.dtype).tiny)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return g @ g.t()
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _top_eigenvectors(gram: torch.Tensor, r: int) -> torch.Tensor:
