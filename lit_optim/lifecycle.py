@@ -6,8 +6,8 @@
 - bitsandbytes paged optimizers get their state put back into paged memory after a resume (its `load_state_dict`
   copies state into ordinary device tensors);
 - optimizers that step in backward log the gradient norm they measured (`grad_norm`);
-- gradients are freed (set to None) at the end of every batch in which the optimizer stepped, unless the module says
-  `release_grads_after_step = False`. Lightning zeroes them only in the next step's closure, after its forward, so
+- under automatic optimization, gradients are freed (set to None) at the end of every batch in which the optimizer
+  stepped, unless the module says `release_grads_after_step = False`. Lightning zeroes them only in the next step's closure, after its forward, so
   the previous step's gradients would sit next to the new activations (on a 1B Llama, +3.7 GiB at GaLore's peak).
   "Stepped" means the optimizer's own `step` ran (a step post-hook says so): at the end of an accumulation window,
   also under strategies that accumulate by themselves. A step a GradScaler skipped leaves the gradients to
@@ -35,8 +35,9 @@ def _releases_grads(pl_module) -> bool:
     from lightning.pytorch import LightningModule
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
-    return bool(getattr(pl_module, "release_grads_after_step", True)) and not is_overridden(
-        "optimizer_zero_grad", pl_module, LightningModule)
+    # Under manual optimization the module zeroes its gradients itself, perhaps accumulating some across batches.
+    return (bool(getattr(pl_module, "release_grads_after_step", True)) and pl_module.automatic_optimization
+            and not is_overridden("optimizer_zero_grad", pl_module, LightningModule))
 
 
 def _set_mode(trainer, train: bool) -> None:
@@ -81,7 +82,7 @@ def _repage_one(optimizer) -> int:
 
 class OptimizerLifecycle(Callback):
     def __init__(self) -> None:
-        self._stepped = False
+        self._stepped: list[torch.optim.Optimizer] = []
         self._hooks: list = []
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -100,13 +101,16 @@ class OptimizerLifecycle(Callback):
                     self._hooks.append(register(self._mark_stepped))
 
     def _mark_stepped(self, optimizer, args, kwargs) -> None:
-        self._stepped = True
+        self._stepped.append(optimizer)
 
     def _remove_hooks(self) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        self._stepped = False
+        self._stepped.clear()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._remove_hooks()  # also after a fit that failed before on_train_end
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         _set_mode(trainer, True)
@@ -119,10 +123,9 @@ class OptimizerLifecycle(Callback):
             norm = pop() if callable(pop) else None
             if norm is not None:
                 pl_module.log("grad_norm", norm.detach().float().to(pl_module.device), on_step=True, on_epoch=False)
-        if self._stepped:
-            self._stepped = False
-            for opt in trainer.optimizers:
-                opt.zero_grad(set_to_none=True)
+        for opt in self._stepped:
+            opt.zero_grad(set_to_none=True)
+        self._stepped.clear()
 
     def on_validation_start(self, trainer, pl_module) -> None:
         _set_mode(trainer, False)

@@ -261,6 +261,21 @@ def test_gradients_are_released_after_each_step_without_changing_training(accumu
     _, alive_own = fit(True, OwnZeroGrad)
     assert alive_own == alive_kept
 
+    class Manual(Regressor):
+        # Manual optimization owns its zeroing: here it never zeroes, and nothing may do it behind its back.
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.manual_backward(loss)
+            self.optimizers().step()
+
+    if accumulate == 1:  # Lightning refuses its accumulation under manual optimization
+        _, alive_manual = fit(True, Manual)
+        assert alive_manual == alive_kept
+
 
 def test_release_grads_after_step_is_a_constructor_option():
     from lit_optim.task.module import LanguageModelTask
