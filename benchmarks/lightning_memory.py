@@ -38,6 +38,7 @@ from lightning.pytorch.callbacks import Callback
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import lowrank_memory  # noqa: E402
 from lowrank_memory import llama_1b, llama_tiny  # noqa: E402
 
 from lit_optim.state_bytes import total_state_bytes  # noqa: E402
@@ -127,21 +128,12 @@ def run_one(label: str, optim: dict, release: bool, args, device: str) -> dict:
     return row
 
 
+COLUMNS = [("state", "state_bytes", 10, "bytes"), ("peak-start", "peak_above_start_bytes", 15, "bytes"),
+           ("step ms", "step_ms", 9, "ms"), ("1st step ms", "first_step_ms", 12, "ms")]
+
+
 def table(rows: list[dict], unit: str) -> str:
-    scale = {"GiB": 1024**3, "MiB": 1024**2}[unit]
-
-    def fmt(v):
-        return "n/a" if v is None else f"{v / scale:.3f}"
-
-    head = f"{'optimizer':30s} {'state ' + unit:>10s} {'peak-start ' + unit:>15s} {'step ms':>9s} {'1st step ms':>12s}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['label']:30s} ERROR: {r['error']}")
-            continue
-        lines.append(f"{r['label']:30s} {fmt(r['state_bytes']):>10s} {fmt(r['peak_above_start_bytes']):>15s} "
-                     f"{r['step_ms']:9.1f} {r['first_step_ms']:12.1f}")
-    return "\n".join(lines)
+    return lowrank_memory.table(rows, COLUMNS, unit)
 
 
 def main(argv=None) -> int:

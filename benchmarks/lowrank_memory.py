@@ -173,22 +173,30 @@ def run_one(label, name, hp, args, device, dtype) -> dict:
     return row
 
 
-def fmt_gib(value) -> str:
-    return "n/a" if value is None else f"{value / UNITS[UNIT]:.3f}"
+# (heading, row key, width, what it holds): "bytes" are shown in UNIT, "ms" as they are.
+COLUMNS = [("state", "state_bytes", 10, "bytes"), ("max grads", "max_live_grad_bytes", 14, "bytes"),
+           ("peak-weights", "peak_above_weights_bytes", 17, "bytes"), ("peak", "peak_bytes", 9, "bytes"),
+           ("step ms", "step_ms", 9, "ms"), ("1st step ms", "first_step_ms", 12, "ms")]
 
 
-def table(rows: list[dict]) -> str:
-    u = UNIT
-    head = (f"{'optimizer':32s} {'state ' + u:>10s} {'max grads ' + u:>14s} {'peak-weights ' + u:>17s} "
-            f"{'peak ' + u:>9s} {'step ms':>9s} {'1st step ms':>12s}")
+def table(rows: list[dict], columns=None, unit: str | None = None) -> str:
+    """Rows as a fixed-width text table (also used by lightning_memory.py, with its own columns)."""
+    columns, unit = columns or COLUMNS, unit or UNIT
+
+    def cell(value, kind: str) -> str:
+        if value is None:
+            return "n/a"
+        return f"{value / UNITS[unit]:.3f}" if kind == "bytes" else f"{value:.1f}"
+
+    head = f"{'optimizer':32s}" + "".join(
+        f" {title + (' ' + unit if kind == 'bytes' else ''):>{width}s}" for title, _, width, kind in columns)
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['label']:32s} ERROR: {r['error']}")
             continue
-        lines.append(f"{r['label']:32s} {fmt_gib(r['state_bytes']):>10s} {fmt_gib(r['max_live_grad_bytes']):>14s} "
-                     f"{fmt_gib(r['peak_above_weights_bytes']):>17s} {fmt_gib(r['peak_bytes']):>9s} "
-                     f"{r['step_ms']:9.1f} {r['first_step_ms']:12.1f}")
+        lines.append(f"{r['label']:32s}" + "".join(f" {cell(r[key], kind):>{width}s}"
+                                                   for _, key, width, kind in columns))
     return "\n".join(lines)
 
 

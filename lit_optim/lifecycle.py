@@ -17,8 +17,9 @@
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lit_optim.checkpoint import install_checkpoint_io
 from lit_optim.optimizers.composite import _leaves
@@ -32,9 +33,6 @@ def _built(trainer):
 
 
 def _releases_grads(pl_module) -> bool:
-    from lightning.pytorch import LightningModule
-    from lightning.pytorch.utilities.model_helpers import is_overridden
-
     # Under manual optimization the module zeroes its gradients itself, perhaps accumulating some across batches.
     return (bool(getattr(pl_module, "release_grads_after_step", True)) and pl_module.automatic_optimization
             and not is_overridden("optimizer_zero_grad", pl_module, LightningModule))
