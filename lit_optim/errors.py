@@ -49,3 +49,9 @@ class IncompatibleConfigError(LitOptimError, ValueError):
 
 class MissingPathError(LitOptimError, FileNotFoundError):
     """A path in the config (weights, tokenizer, data) that does not exist or holds nothing usable."""
+
+
+class OutOfDeviceMemoryError(LitOptimError, RuntimeError):
+    """The run did not fit the GPU (or the `max_device_memory_gib` budget); the message says what might."""
+
+    exit_code = 3

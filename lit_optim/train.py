@@ -15,7 +15,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lit_optim.errors import IncompatibleConfigError, LitOptimError
+from lit_optim.errors import IncompatibleConfigError, LitOptimError, OutOfDeviceMemoryError
 from lit_optim.noise import quiet_import_noise
 
 quiet_import_noise()  # before any backend is imported
@@ -70,6 +70,10 @@ def build_run(cfg: DictConfig):
     )
     datamodule = instantiate(cfg.data)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if cfg.get("max_device_memory_gib") is not None:
+        from lit_optim.callbacks.memory_budget import DeviceMemoryBudget
+
+        callbacks.append(DeviceMemoryBudget(cfg.max_device_memory_gib))
     logger = build_logger(cfg.get("logger"))
     if not logger:
         # Lightning refuses a LearningRateMonitor without a logger; with logger=none there is nothing to log to.
@@ -87,10 +91,18 @@ def build_run(cfg: DictConfig):
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    import torch
+
     module, datamodule, trainer = build_run(cfg)
     if not cfg.get("validate", True):
         trainer.limit_val_batches = 0
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    except torch.OutOfMemoryError as err:
+        from lit_optim.callbacks.memory_budget import out_of_memory_message
+
+        raise OutOfDeviceMemoryError(
+            out_of_memory_message(cfg.get("max_device_memory_gib"), module.optim_config.get("name"))) from err
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("final metrics: %s", metrics)
     return metrics
@@ -122,7 +134,7 @@ def main(cfg: DictConfig) -> float | None:
         if cause is None:
             raise
         print(f"lit-optim: {cause}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(cause, "exit_code", 2))
     # Returned for Hydra sweepers (e.g. optuna) that optimise a scalar.
     return metrics.get("val/loss", metrics.get("train/loss"))
 

@@ -287,6 +287,7 @@ class ShardedTask(LanguageModelTask):
     def configure_model(self):
         from torch.distributed.fsdp import fully_shard
 
+        super().configure_model()  # the model is built here, on the device, then sharded: the FSDP2 pattern
         fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
 
 

@@ -115,6 +115,7 @@ def shrink(cfg) -> None:
                            val_check_interval=4, limit_val_batches=2)
         if cfg.callbacks.get("checkpoint"):
             cfg.callbacks.checkpoint.update(every_n_train_steps=2, save_last=False)
+        cfg.max_device_memory_gib = None  # a GPU budget; on the CPU it is refused (tests/test_big_models.py)
 
 
 @pytest.mark.parametrize("name", RECIPES)

@@ -154,6 +154,8 @@ def test_seed_recipe_with_real_weights_and_real_data(tmp_path, tokenizer_dir):
                          f"model.pretrained={model_dir}", f"data.path={text}")
     shrink(cfg)
     module, datamodule, _ = build_run(cfg)
+    assert module.model is None  # built by Lightning's configure_model hook, on the training device
+    module.configure_model()
     assert module.model.config.hidden_size == 64  # from the directory's config.json, not the recipe's 4096
     assert module.model.training  # from_pretrained leaves eval mode (dropout off), which Lightning would keep
     # The recipe loads in bf16 (model.dtype): the real weights, rounded to bf16 -- not a random init.

@@ -13,6 +13,7 @@ otherwise) and ``time.perf_counter`` on a CPU.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -20,6 +21,18 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from lit_optim.callbacks._common import IntervalCallback, logging_step
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), or None where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rpartition(")")[2].split()[19])  # field 22, after the command name
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class _Clock:
@@ -81,6 +94,9 @@ class StepTimingMonitor(IntervalCallback):
         ``timing/optimizer_step_share``: optimizer step time / training step time (sums over the interval).
         ``timing/data_wait_ms``: wait for the batch.
         ``timing/steps``: optimizer steps averaged.
+    Once, after the first optimizer step (one device synchronisation):
+        ``timing/launch_to_first_step_s``: wall time from the start of this process to the end of the first
+        optimizer step -- imports, model build, data, compilation and the step itself: what a user waits for.
     Once, when the warm-up steps are over (torch.compile of torchao's step, CUDA/cuBLAS start-up):
         ``timing/warmup/first_optimizer_step_ms``, ``timing/warmup/first_train_step_ms``: the very first step;
         ``timing/warmup/optimizer_step_ms``, ``timing/warmup/train_step_ms``: means over the warm-up steps;
@@ -210,6 +226,12 @@ class StepTimingMonitor(IntervalCallback):
         in_warmup = self._steps_seen < self.warmup_steps
         if any(u[2] is not None for u in current.updates):
             self._steps_seen += 1
+            if self._steps_seen == 1:
+                launched = process_age_s()
+                if launched is not None:
+                    if self._clock.cuda:
+                        torch.cuda.synchronize()
+                    self.publish(trainer, {"timing/launch_to_first_step_s": process_age_s()}, step=self._last_step)
         if in_warmup:
             self._warmup.append(current)
             if self._steps_seen >= self.warmup_steps:
