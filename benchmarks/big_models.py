@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SEED = ["adamw_torch", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit"]
 # The seed recipe's model, schedule and precision, with one micro-batch per optimizer step: the optimizer step
 # sets the pace, as at small batches on a big model.
-MEMORY_BOUND = ["recipe=llama31_8b_adamw_torch", "trainer.accumulate_grad_batches=1", "trainer.max_steps=12"]
+MEMORY_BOUND = ["recipe=llama31_8b_adamw_torch", "trainer.accumulate_grad_batches=1", "trainer.max_steps=12",
+                "callbacks.step_timing.warmup_steps=2"]
 
 # label -> (overrides, inductor cache: None | "fresh" | "reuse:<label>")
 Row = tuple[str, list[str], str | None]
@@ -48,7 +49,8 @@ Row = tuple[str, list[str], str | None]
 
 def suite(name: str) -> list[Row]:
     if name == "seed":
-        return [(f"seed {o}", [f"recipe=llama31_8b_{o}", "trainer.max_steps=3"], None) for o in SEED]
+        return [(f"seed {o}", [f"recipe=llama31_8b_{o}", "trainer.max_steps=4", "callbacks.step_timing.warmup_steps=1"],
+                 None) for o in SEED]
     if name == "budget40":
         return [(f"40GiB {o}", [f"recipe=llama31_8b_{o}", "trainer.max_steps=2", "max_device_memory_gib=40"], None)
                 for o in SEED]
@@ -64,14 +66,14 @@ def suite(name: str) -> list[Row]:
             ("paged_adamw_8bit", [*mb, "optim=paged_adamw_8bit"], None),
         ]
     if name == "offload":
-        mb = [*MEMORY_BOUND[:2], "trainer.max_steps=6"]
+        mb = [*MEMORY_BOUND[:2], "trainer.max_steps=6", "callbacks.step_timing.warmup_steps=2"]
         return [
             ("adamw_torch offload=cpu", [*mb, "optim=adamw_torch", "optim.offload=cpu"], None),
             ("adamw_torch offload=cpu+grads", [*mb, "optim=adamw_torch", "optim.offload=cpu",
                                                "optim.offload_gradients=true", "trainer.gradient_clip_val=null"], None),
             ("adamw_8bit offload=cpu", [*mb, "optim=adamw_8bit", "optim.offload=cpu"], None),
-            ("1B adamw_torch", [*mb, "model=llama_1b", "model.dtype=bfloat16", "trainer.max_steps=12"], None),
-            ("1B adamw_torch offload=cpu", [*mb, "model=llama_1b", "model.dtype=bfloat16", "trainer.max_steps=12",
+            ("1B adamw_torch", [*MEMORY_BOUND, "model=llama_1b", "model.dtype=bfloat16"], None),
+            ("1B adamw_torch offload=cpu", [*MEMORY_BOUND, "model=llama_1b", "model.dtype=bfloat16",
                                             "optim.offload=cpu"], None),
         ]
     if name == "scale":

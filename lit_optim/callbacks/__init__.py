@@ -7,18 +7,21 @@
 - `SpeedMonitor` (``throughput/*``): samples/s, tokens/s, FLOP/s and MFU via Lightning's `Throughput`;
 - `StepTimingMonitor` (``timing/*``): optimizer step, forward+backward, data wait; warm-up reported apart;
 - `DeviceMemoryMonitor` (``memory/*``): peak allocated/reserved per interval, managed and pinned memory, headroom;
-- `WandbExtras`: W&B summaries, the built optimizer in the run config, a state table per param group.
+- `WandbExtras`: W&B summaries, the built optimizer in the run config, a state table per param group;
+- `DeviceMemoryBudget`: caps this process's GPU memory (plan for a smaller card on a big one); logs nothing.
 
 Each class documents what it logs in its "Logged metrics" section.
 """
 
 from lit_optim.callbacks.device_memory import DeviceMemoryMonitor
+from lit_optim.callbacks.memory_budget import DeviceMemoryBudget
 from lit_optim.callbacks.state_memory import OptimizerStateMonitor
 from lit_optim.callbacks.step_timing import StepTimingMonitor
 from lit_optim.callbacks.throughput import SpeedMonitor
 from lit_optim.callbacks.wandb_extras import WandbExtras
 
 __all__ = [
+    "DeviceMemoryBudget",
     "DeviceMemoryMonitor",
     "OptimizerStateMonitor",
     "SpeedMonitor",

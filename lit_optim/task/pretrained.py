@@ -38,7 +38,10 @@ def _shards(path: str) -> list[str]:
 def load_pretrained(path: str, dtype: torch.dtype) -> nn.Module:
     import transformers
     from safetensors import safe_open
-    from transformers.initialization import no_init_weights
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
 
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise MissingPathError(f"model.pretrained={path!r} has no config.json; it is not a Hugging Face model directory.")
