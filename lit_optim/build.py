@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_optim.compile_cache import prepare_for as prepare_compile_cache
 from lit_optim.errors import HyperparameterError
 from lit_optim.param_groups import GroupPlan, ParamInfo, build_param_groups
 from lit_optim.registry import get_spec, requirement_problem
@@ -24,8 +25,8 @@ log = logging.getLogger("lit_optim")
 
 # Keys that shape the param groups (or how the optimizer is stepped) rather than go to the optimizer's constructor.
 # in_backward: step each parameter in its gradient hook (lit_optim/optimizers/in_backward.py); clip_per_param_norm
-# is taken with it.
-GROUP_KEYS = ("no_decay", "lr_scales", "in_backward")
+# is taken with it. offload/offload_gradients: state and step on the host (lit_optim/optimizers/offload.py).
+GROUP_KEYS = ("no_decay", "lr_scales", "in_backward", "offload", "offload_gradients")
 
 
 @dataclass
@@ -148,6 +149,10 @@ def resolve_hyperparameters(spec: OptimizerSpec, hyperparameters: Mapping[str, A
         from lit_optim.optimizers.in_backward import check_in_backward_options
 
         check_in_backward_options(spec, group_opts, hp)
+    if "offload" in group_opts or "offload_gradients" in group_opts:
+        from lit_optim.optimizers.offload import check_offload_options
+
+        check_offload_options(spec, group_opts)
     if spec.embedding_state_32bit:
         group_opts["embedding_state_32bit"] = hp.pop("embedding_state_32bit", True)
     implied = dict(spec.fixed)
@@ -229,6 +234,49 @@ def _keep_embeddings_32bit(optimizer, plan: GroupPlan) -> int:
     return count
 
 
+def _host_kernel(spec: OptimizerSpec, kwargs: dict, params: list[torch.Tensor]) -> dict:
+    """torch Adam/AdamW steps offloaded state with its fused CPU kernel unless the user chose one.
+
+    Only for parameters that really live on an accelerator: a model already on the CPU keeps the name's own kernel
+    (foreach and fused round differently in the last bit, and offload must not change its numbers).
+    """
+    if spec.target not in ("torch.optim:AdamW", "torch.optim:Adam") or {"fused", "foreach"} & set(kwargs):
+        return kwargs
+    fused_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    if any(p.device.type != "cpu" for p in params) and all(p.dtype in fused_dtypes for p in params):
+        return {**kwargs, "fused": True}
+    return kwargs
+
+
+def _build_offloaded(spec: OptimizerSpec, plan: GroupPlan, ctor_kwargs: dict, group_opts: dict):
+    """`spec`'s optimizer over host copies of the parameters, behind `OffloadOptimizer`."""
+    from lit_optim.optimizers.composite import _private_bnb_manager
+    from lit_optim.optimizers.offload import OffloadOptimizer, offload_supports
+
+    params = [p for g in plan.groups for p in g["params"]]
+    kwargs = _host_kernel(spec, ctor_kwargs, params)
+    embedding_32bit = bool(group_opts.pop("embedding_state_32bit", False))
+    emb = {id(i.param) for i in plan.param_info.values() if i.is_embedding} if embedding_32bit else set()
+    counted = []
+
+    def make_inner(host_groups: list[dict]) -> torch.optim.Optimizer:
+        inner = spec.load_class()(host_groups, **kwargs)
+        if spec.backend == "bitsandbytes":
+            # bnb resolves module overrides by the module's own parameter, not our host copy: key them by the copy.
+            hosts = [h for p, h in zip(params, (h for g in host_groups for h in g["params"])) if id(p) in emb]
+            _private_bnb_manager(inner, hosts)
+            counted.append(sum(h.numel() for h in hosts))
+        _verify(inner, spec)
+        return inner
+
+    optimizer = OffloadOptimizer(plan.groups, make_inner, offload_gradients=group_opts["offload_gradients"],
+                                 name=spec.name)
+    optimizer.embedding_32bit_params = sum(counted)
+    import dataclasses
+
+    return optimizer, dataclasses.replace(spec, supports=offload_supports(spec, group_opts["offload_gradients"]))
+
+
 def build_optimizer(
     model_or_named_params: nn.Module | Iterable[tuple[str, nn.Parameter]],
     name: str,
@@ -242,6 +290,8 @@ def build_optimizer(
     """
     spec = get_spec(name)
     check_available(spec)
+    # torchao compiles its step per parameter shape; a persistent cache turns that into a load after the first run.
+    prepare_compile_cache(spec, hyperparameters)
     kwargs, group_opts = resolve_hyperparameters(spec, hyperparameters)
     accepted = accepted_arguments(spec)
     lr = kwargs.get("lr", accepted.get("lr"))
@@ -257,7 +307,9 @@ def build_optimizer(
         kwargs["weight_decay"] = wd or 0.0
     ctor_kwargs = {**kwargs, **spec.fixed}
     built_spec = spec
-    if group_opts.get("in_backward"):
+    if group_opts.get("offload"):
+        optimizer, built_spec = _build_offloaded(spec, plan, ctor_kwargs, group_opts)
+    elif group_opts.get("in_backward"):
         from lit_optim.optimizers.in_backward import build_in_backward, in_backward_spec
 
         optimizer = build_in_backward(
@@ -272,9 +324,13 @@ def build_optimizer(
     if built_spec is spec:
         _verify(optimizer, spec)
     info = BuildInfo(spec.name, built_spec, {**kwargs, "weight_decay": wd}, plan)
-    if built_spec is not spec:
+    if group_opts.get("offload"):
+        info.extra["offload"] = group_opts["offload"]
+        info.extra["offload_gradients"] = group_opts["offload_gradients"]
+        info.embedding_32bit_params = optimizer.embedding_32bit_params
+    elif built_spec is not spec:
         info.extra["in_backward"] = True
-    if group_opts.get("embedding_state_32bit"):
+    elif group_opts.get("embedding_state_32bit"):
         info.embedding_32bit_params = _keep_embeddings_32bit(optimizer, plan)
     optimizer.lit_optim = info
     log.info("lit_optim built %s (%s): %s", spec.name, spec.target.replace(":", "."), plan.summary())

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from lit_optim.build import accepted_arguments
+from lit_optim.optimizers.offload import offload_problem
 from lit_optim.registry import all_specs
 from lit_optim.spec import OptimizerSpec
 
@@ -43,6 +44,9 @@ def render(spec: OptimizerSpec, name: str | None = None) -> str:
         values[key] = _yaml_value(value)
     for key, value in spec.defaults.items():
         values.setdefault(key, _yaml_value(value))
+    if offload_problem(spec) is None:  # listed so `optim.offload=cpu` needs no `+`
+        values["offload"] = None
+        values["offload_gradients"] = False
     bpp = spec.bytes_per_param()
     state = f"{bpp:.3g} bytes/param of optimizer state" + (
         f" ({spec.bits}-bit{', paged' if spec.paged else ''})" if spec.bits else "") + " vs 8 for fp32 AdamW"

@@ -108,6 +108,14 @@ def availability(spec: OptimizerSpec) -> Availability:
     return Availability(True) if problem is None else Availability(False, problem[1])
 
 
+def _offload_line(spec: OptimizerSpec) -> str:
+    from lit_optim.optimizers.offload import offload_problem
+
+    problem = offload_problem(spec)
+    return "no: " + problem if problem else ("optim.offload=cpu (state and step on the host); add optim.offload_gradients=true to move "
+                                   "gradients there during backward")
+
+
 def describe(name: str) -> str:
     """A human-readable description of one optimizer: what it builds, its state cost and what it supports."""
     spec = get_spec(name)
@@ -124,6 +132,7 @@ def describe(name: str) -> str:
         + ("CUDA only" if spec.requires_cuda or CPU not in spec.supports else "CPU and CUDA")
         + (f" (compute capability >= {'.'.join(map(str, spec.min_compute_capability))})" if spec.min_compute_capability else ""),
         f"  supports:      {', '.join(sorted(spec.supports))}",
+        f"  CPU offload:   {_offload_line(spec)}",
         f"  HF Trainer:    {', '.join(n for n in spec.names if n in HF_TRAINER_NAMES) or 'no'}",
     ]
     if spec.notes:

@@ -167,7 +167,8 @@ def test_model_options(option, tmp_path):
     cfg = plain(compose_train(tmp_path, f"model={option}").model)
     if cfg["arch"] == "llama":
         pytest.importorskip("transformers", reason="llama models need the transformers extra")
-    expected = {"tiny": (0.4e6, 0.6e6), "llama_1b": (1.2e9, 1.3e9), "llama31_8b": (8.0e9, 8.1e9)}[option]
+    expected = {"tiny": (0.4e6, 0.6e6), "llama_1b": (1.2e9, 1.3e9), "llama31_8b": (8.0e9, 8.1e9),
+                "llama_30b": (32.4e9, 32.6e9)}[option]
     with torch.device("meta"):  # no memory for the weights: the 8B model is checked on CPU too
         model = build_model(cfg)
     n = sum(p.numel() for p in model.parameters())
