@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_optim.errors import HyperparameterError, IncompatibleConfigError
 
@@ -37,11 +37,13 @@ class DeviceMemoryBudget(Callback):
                 "remove it, or train on a GPU (trainer=gpu)."
             )
         total = torch.cuda.get_device_properties(device).total_memory
-        if self.max_gib * GIB > total:
-            raise IncompatibleConfigError(
-                f"max_device_memory_gib={self.max_gib:g} is more than this GPU has ({total / GIB:.1f} GiB); "
-                "give a smaller budget, or none."
+        if self.max_gib * GIB >= total:
+            # The card itself is the tighter limit (an "80 GiB" card has about 79 GiB): nothing to emulate.
+            rank_zero_warn(
+                f"max_device_memory_gib={self.max_gib:g} is not less than this GPU's {total / GIB:.1f} GiB: running "
+                "with the whole GPU, which is the stricter limit."
             )
+            return
         torch.cuda.set_per_process_memory_fraction(self.max_gib * GIB / total, device)
         self.device = device
         if trainer.logger:
