@@ -154,6 +154,29 @@ def run_row(label: str, overrides: list[str], workdir: Path, env: dict[str, str]
     return row
 
 
+def copy_speeds(gib: float = 2.0) -> dict[str, float]:
+    """GB/s of pinned host<->device copies and of a host memcpy: the ceilings of an offloaded step."""
+    import torch
+
+    n = int(gib * GIB)
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    other = torch.empty(n, dtype=torch.uint8)
+    out = {}
+    for name, fn in (("h2d", lambda: dev.copy_(host, non_blocking=True)),
+                     ("d2h", lambda: host.copy_(dev, non_blocking=True)),
+                     ("host_copy", lambda: other.copy_(host))):
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        # A host copy reads and writes every byte; the PCIe copies move each byte once.
+        out[f"{name}_gb_s"] = (2 if name == "host_copy" else 1) * 3 * n / (time.perf_counter() - start) / 1e9
+    return out
+
+
 def fmt(v, spec="{:.2f}"):
     return "-" if v is None else spec.format(v)
 
@@ -200,9 +223,11 @@ def main(argv=None) -> list[dict]:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"\ndevice: {device}; torch {torch.__version__}\n{table(rows)}", flush=True)
+    speeds = copy_speeds() if torch.cuda.is_available() and "offload" in args.suite else {}
+    print(f"\ndevice: {device}; torch {torch.__version__}; {speeds}\n{table(rows)}", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"device": device, "torch": torch.__version__, "copy_speeds": speeds,
+                                              "rows": rows}, indent=1))
     return rows
 
 
