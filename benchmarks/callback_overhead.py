@@ -158,6 +158,7 @@ def run(args) -> dict:
     L.seed_everything(0, verbose=False)
     t = time.perf_counter()
     module = LanguageModelTask(model=model_cfg, optim={"name": args.optim, "lr": 1e-4})
+    module.configure_model()  # built once here and reused by every fit (Lightning's hook then keeps it)
     build_s = time.perf_counter() - t
     params = sum(p.numel() for p in module.parameters())
     loader = make_loader(args, model_cfg["vocab_size"], args.steps)

@@ -100,8 +100,8 @@ def run_one(label: str, optim: dict, release: bool, args, device: str) -> dict:
     L.seed_everything(0, verbose=False)
     model = {"arch": "llama", **(llama_tiny if args.tiny else llama_1b)(args.vocab),
              "gradient_checkpointing": args.gradient_checkpointing}
-    with torch.device(device):  # build where it trains: no fp32 copy of 1B weights on the host first
-        module = LanguageModelTask(model=model, optim=optim, release_grads_after_step=release)
+    # The model is built by Lightning's configure_model hook, on the training device.
+    module = LanguageModelTask(model=model, optim=optim, release_grads_after_step=release)
     data = SyntheticTextDataModule(vocab_size=args.vocab, seq_len=args.seq, batch_size=args.batch,
                                    train_tokens=(args.steps + 1) * args.batch * (args.seq + 1), val_tokens=args.seq + 1)
     probe = PeakMemory()

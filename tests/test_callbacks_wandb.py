@@ -39,6 +39,7 @@ def expected_state(optim: str) -> tuple[int, int, dict]:
     """State bytes and quantized parameters of the configured model after one step, computed here on its own."""
     model_cfg = {**OmegaConf.to_container(OmegaConf.load(CONF / "model" / "tiny.yaml")), **SMALLER}
     module = LanguageModelTask(model=model_cfg, optim=optim)
+    module.configure_model()
     opt = build_optimizer(module, optim, lr=1e-3)
     module(torch.randint(0, model_cfg["vocab_size"], (2, 8))).sum().backward()
     opt.step()
