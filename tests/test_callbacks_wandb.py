@@ -128,7 +128,8 @@ def test_reader_joins_fragments_across_blocks_and_checks_crcs(tmp_path):
     assert path.stat().st_size > 4 * BLOCK_SIZE
     read = OfflineRun.read(path)
     assert read.config["big"] == big and read.config["n"] == 1
-    assert read.history_values("loss") == [1.0 / (i + 1) for i in range(300)]
+    # W&B's JSON encoder may shorten floats depending on what else the process imported (seen in the full suite).
+    assert read.history_values("loss") == pytest.approx([1.0 / (i + 1) for i in range(300)], rel=1e-6)
     assert read.history_values("_step") == list(range(300))
 
     data = bytearray(path.read_bytes())
