@@ -218,19 +218,28 @@ def test_gpu_model_is_created_on_the_device_and_pretrained_loads_there(saved_lla
     big = {**TINY_LLAMA, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 8, "vocab_size": 32000,
            "num_attention_heads": 16, "num_key_value_heads": 8, "dtype": "bfloat16"}  # ~0.6B params, 1.2 GB bf16
     task = LanguageModelTask(model=big, optim={"name": "adamw_torch_fused", "lr": 1e-4})
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            # Read while training: Lightning's teardown moves the model to the host after fit.
+            seen["rss"] = host_rss_bytes()
+            seen["ok"] = all(p.is_cuda and p.dtype == torch.bfloat16 for p in pl_module.parameters())
+
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-true", max_steps=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
-                        default_root_dir=tmp_path)
+                        default_root_dir=tmp_path, callbacks=[Probe()])
     trainer.fit(task, make_data(vocab_size=32000, batch_size=1))
-    assert all(p.is_cuda and p.dtype == torch.bfloat16 for p in task.parameters())
+    assert seen["ok"]
     # Built on the GPU: the host never held the 1.2 GB of weights.
-    assert host_rss_bytes() - before < 0.5 * 2**30
+    assert seen["rss"] - before < 0.5 * 2**30
     pre = LanguageModelTask(model={**TINY_LLAMA, "pretrained": str(single), "dtype": "bfloat16"})
+    seen.clear()
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-true", max_steps=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
-                        default_root_dir=tmp_path)
+                        default_root_dir=tmp_path, callbacks=[Probe()])
     trainer.fit(pre, make_data(batch_size=1))
-    assert all(p.is_cuda for p in pre.parameters())
+    assert seen["ok"]
 
 
 @pytest.mark.gpu

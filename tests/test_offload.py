@@ -332,8 +332,8 @@ def test_gpu_state_stays_on_host_after_lightning_resume(tmp_path):
     _, trainer, _ = run_task(optim, 4, tmp_path=tmp_path / "r", ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"),
                              accelerator="gpu")
     inner = trainer.optimizers[0].inner
+    # (After fit, Lightning's teardown moves the model to the host: the parameters' device is not checked here.)
     assert all(t.device.type == "cpu" for s in inner.state.values() for t in s.values() if torch.is_tensor(t))
-    assert all(p.is_cuda for p in trainer.lightning_module.parameters())
 
 
 def test_module_builds_offload_through_the_mixin():
