@@ -76,8 +76,6 @@ def suite(name: str) -> list[Row]:
             ("1B adamw_torch offload=cpu", [*MEMORY_BOUND, "model=llama_1b", "model.dtype=bfloat16",
                                             "optim.offload=cpu"], None),
         ]
-    if name == "last":  # the rows of the final device call of 2026-12-06, most important first
-        return [*suite("scale"), suite("budget40")[3], *[r for r in suite("offload") if r[0].startswith("1B")]]
     if name == "scale":
         return [
             ("8B 24GiB recipe", ["recipe=llama31_8b_24gb", "trainer.max_steps=12"], None),
