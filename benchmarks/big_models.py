@@ -103,11 +103,24 @@ def read_metrics(path: Path) -> dict[str, list[float]]:
     return out
 
 
+_FIT_OVER: dict[str, float] = {}
+
+
+def _fit_over_for(log_path: str, grace_s: float) -> bool:
+    """True `grace_s` after the run's log says fit stopped (on_train_end's metrics are written by then)."""
+    if log_path not in _FIT_OVER:
+        with open(log_path, errors="replace") as f:
+            if "`Trainer.fit` stopped" not in f.read():
+                return False
+        _FIT_OVER[log_path] = time.time()
+    return time.time() - _FIT_OVER[log_path] > grace_s
+
+
 def run_row(label: str, overrides: list[str], workdir: Path, env: dict[str, str], timeout: float) -> dict:
     rundir = workdir / label.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "-").replace("+", "_")
     cmd = [sys.executable, "-m", "lit_optim.train", *overrides, f"hydra.run.dir={rundir}", "logger=csv",
-           "validate=false", "callbacks.checkpoint=null", "trainer.log_every_n_steps=1",
-           "trainer.enable_progress_bar=false"]
+           "+logger.flush_logs_every_n_steps=1", "validate=false", "callbacks.checkpoint=null",
+           "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
     start = time.time()
     with open(workdir / f"{rundir.name}.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -118,13 +131,17 @@ def run_row(label: str, overrides: list[str], workdir: Path, env: dict[str, str]
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
                 if pid:
                     break
-                if time.time() > deadline:
+                if time.time() > deadline or _fit_over_for(log.name, 3.0):
+                    # After fit, Lightning's teardown copies the whole model to the host (46 s for 30B): the
+                    # metrics are already flushed, so the row does not wait for it.
                     proc.kill()
                     pid, status, usage = os.wait4(proc.pid, 0)
                     break
                 time.sleep(0.2)
         finally:
             proc.returncode = os.waitstatus_to_exitcode(status) if pid else -9
+            if log.name in _FIT_OVER:
+                proc.returncode = 0  # stopped by us after a finished fit
     wall = time.time() - start
     text = (workdir / f"{rundir.name}.log").read_text(errors="replace")
     error = next((line for line in reversed(text.splitlines()) if line.startswith("lit-optim:")), None)
@@ -217,7 +234,7 @@ def main(argv=None) -> list[dict]:
         for label, overrides, cache in suite(name):
             if args.only and label not in args.only:
                 continue
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
             if cache == "fresh":
                 env["TORCHINDUCTOR_CACHE_DIR"] = caches[label] = tempfile.mkdtemp(prefix="inductor_", dir=workdir)
             elif cache and cache.startswith("reuse:"):
