@@ -49,3 +49,16 @@ def test_ddp_trains_and_resumes_exactly(tmp_path):
     first = _load(mid)
     moved = [k for k, v in a["state_dict"].items() if not torch.equal(v, first["state_dict"][k])]
     assert moved, "parameters did not change between step 4 and step 8"
+
+
+def test_ddp_with_offload_matches_ddp_without(tmp_path):
+    """Level-1 offload steps on the gradients DDP has already reduced: the same parameters as plain DDP, bit for bit."""
+    plain, offloaded = tmp_path / "plain", tmp_path / "offloaded"
+    _train(plain, "optim=adamw_torch", "trainer.max_steps=4")
+    _train(offloaded, "optim=adamw_torch", "optim.offload=cpu", "trainer.max_steps=4")
+    a, b = _load(plain / "checkpoints" / "last.ckpt"), _load(offloaded / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 4
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
