@@ -42,7 +42,8 @@ def test_every_module_is_in_the_wheel(wheel_names):
 def test_every_config_and_recipe_is_in_the_wheel(wheel_names):
     conf = {"lit_optim/conf/" + p.relative_to(REPO / "conf").as_posix() for p in checkout("*.yaml", "conf")
             if not p.relative_to(REPO / "conf").as_posix().startswith("recipe/")}
-    recipes = {"lit_optim/conf/recipe/" + p.name for p in checkout("*.yaml", "recipes")}
+    recipes = {"lit_optim/conf/recipe/" + p.relative_to(REPO / "recipes").as_posix()
+               for p in checkout("*.yaml", "recipes")}  # recipes/base/ too
     assert "lit_optim/conf/train.yaml" in conf and "lit_optim/conf/optim/adamw_8bit.yaml" in conf
     assert "lit_optim/conf/recipe/llama31_8b_paged_adamw_8bit.yaml" in recipes
     assert sorted((conf | recipes) - wheel_names) == []
