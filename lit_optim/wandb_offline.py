@@ -14,6 +14,9 @@ an offline run recorded (in tests, or before ``wandb sync``) means reading the f
     >>> run.history_value("optim_state/bytes")                 # doctest: +SKIP
 
 Only ``wandb.proto`` (protobuf) is needed, and only when records are decoded.
+
+It ships in the package, not only in the tests, because users need it too: an offline run on a machine with no
+network (the GPU nodes this suite targets) can be checked before ``wandb sync``; the README shows how.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ The paper partitions a Transformer's parameters by the dense sub-blocks of its H
 The first moment stays per element (as in Adam); the step is m̂ / (sqrt(v̂_block) + eps) with decoupled weight decay.
 State per parameter: n elements of first moment plus one value per block -- about half of AdamW's.
 
+Why not the adam-mini package: it finds blocks by matching parameter names of a few model families and needs the
+head counts passed in; this one reads the partition off the model's modules (or takes it given), so the blocks of
+any model are explicit, tested, and carried in the optimizer state for exact resume.
+
 Heads are found on the model: an ``n_heads``/``num_heads`` attribute on the attention module or one of its parents
 (lit_optim's TinyLM: fused ``qkv`` on ``Block.n_heads``), or Hugging Face's ``config.num_attention_heads`` /
 ``num_key_value_heads`` (Llama's ``q_proj``/``k_proj``). ``n_heads``, ``n_kv_heads`` and ``d_model`` hyperparameters
@@ -246,9 +250,4 @@ class AdamMini(torch.optim.Optimizer):
         return cls(groups, partitions=partitions, **kwargs)
 
 
-def block_count_bound(shape: tuple[int, ...]) -> int:
-    """Blocks the state-bytes theory counts for a shape: rows for >= 2-D (query/key have fewer), one for 1-D."""
-    return shape[0] if len(shape) >= 2 else 1
-
-
-__all__ = ["AdamMini", "Partition", "block_count_bound", "infer_partitions"]
+__all__ = ["AdamMini", "Partition", "infer_partitions"]

@@ -7,6 +7,10 @@ scaled by ``scale``: W += scale * P U. The inner optimizer's moments live in the
 (m <= n, "std") GaLore keeps m*r projector elements plus the inner's state of an r x n tensor, instead of the inner's
 state of m x n. Defaults are Hugging Face's: rank 128, update_proj_gap 200, scale 0.25, proj_type "std". The
 singular vectors come from the Gram matrix's eigenvectors by default (``svd_method``; see projection.svd_factors).
+
+Why not the galore-torch package: its 8-bit class passes removed bitsandbytes arguments positionally (they land in
+``max_unorm``/``skip_zeros`` on bitsandbytes 0.50), and its projector state is not in ``state_dict``, so a run does not
+resume exactly. This one wraps any registry optimizer and keeps the projector as plain tensors in the optimizer state.
 """
 
 from __future__ import annotations

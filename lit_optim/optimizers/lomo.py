@@ -7,6 +7,9 @@
 Both are `InBackwardOptimizer`s (see `in_backward.py` for how stepping in backward meets Lightning). The originals'
 global-norm clipping needs a second backward pass; here ``clip_per_param_norm`` clips each parameter's gradient
 instead, and fp16 loss scaling is not offered (use bf16).
+
+Why not the lomo-optim package: its optimizers run their own backward (``fused_backward``) and so cannot sit under
+Lightning's automatic optimization or its checkpoints; these are ordinary optimizers stepped from gradient hooks.
 """
 
 from __future__ import annotations

@@ -14,6 +14,12 @@ from lit_optim.spec import CPU, DDP, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
 _NO_FSDP = frozenset({CPU, DDP, GRAD_CLIP, GRAD_ACCUM})
 
 
+# Hugging Face's Trainer passes TrainingArguments' defaults where bitsandbytes' differ: weight_decay 0.0 (AdamW and
+# AdEMAMix default to 0.01) and Lion betas (adam_beta1, adam_beta2) = (0.9, 0.999) (Lion's own are (0.9, 0.99)).
+_HF_ADAM = {"weight_decay": 0.0}
+_HF_LION = {"betas": (0.9, 0.999)}
+
+
 def _bnb(name, cls, bits, states, desc, *, paged=False, aliases=(), fixed=None, defaults=None, theory_fn=None,
          supports=_NO_FSDP, notes=""):
     register(OptimizerSpec(
@@ -25,28 +31,32 @@ def _bnb(name, cls, bits, states, desc, *, paged=False, aliases=(), fixed=None, 
     ))
 
 
-_bnb("adamw_bnb_8bit", "AdamW8bit", 8, 2, "block-wise 8-bit AdamW moments.", aliases=("adamw_8bit",))
+_bnb("adamw_bnb_8bit", "AdamW8bit", 8, 2, "block-wise 8-bit AdamW moments.", aliases=("adamw_8bit",),
+     defaults=_HF_ADAM)
 _bnb("adamw_32bit", "AdamW32bit", 32, 2, "32-bit AdamW moments (bnb kernels).", aliases=("adamw_bnb_32bit",))
-_bnb("paged_adamw_8bit", "PagedAdamW8bit", 8, 2, "block-wise 8-bit AdamW moments.", paged=True)
-_bnb("paged_adamw_32bit", "PagedAdamW32bit", 32, 2, "32-bit AdamW moments.", paged=True, aliases=("paged_adamw",))
-_bnb("lion_8bit", "Lion8bit", 8, 1, "block-wise 8-bit Lion momentum.")
-_bnb("lion_32bit", "Lion32bit", 32, 1, "32-bit Lion momentum.", aliases=("lion",))
-_bnb("paged_lion_8bit", "PagedLion8bit", 8, 1, "block-wise 8-bit Lion momentum.", paged=True)
-_bnb("paged_lion_32bit", "PagedLion32bit", 32, 1, "32-bit Lion momentum.", paged=True, aliases=("paged_lion",))
+_bnb("paged_adamw_8bit", "PagedAdamW8bit", 8, 2, "block-wise 8-bit AdamW moments.", paged=True, defaults=_HF_ADAM)
+_bnb("paged_adamw_32bit", "PagedAdamW32bit", 32, 2, "32-bit AdamW moments.", paged=True, aliases=("paged_adamw",),
+     defaults=_HF_ADAM)
+_bnb("lion_8bit", "Lion8bit", 8, 1, "block-wise 8-bit Lion momentum.", defaults=_HF_LION)
+_bnb("lion_32bit", "Lion32bit", 32, 1, "32-bit Lion momentum.", aliases=("lion",), defaults=_HF_LION)
+_bnb("paged_lion_8bit", "PagedLion8bit", 8, 1, "block-wise 8-bit Lion momentum.", paged=True, defaults=_HF_LION)
+_bnb("paged_lion_32bit", "PagedLion32bit", 32, 1, "32-bit Lion momentum.", paged=True, aliases=("paged_lion",),
+     defaults=_HF_LION)
 _bnb("rmsprop_bnb", "RMSprop", 32, 1, "RMSprop, 32-bit state (Hugging Face's default bits).", fixed={"optim_bits": 32})
 _bnb("rmsprop_bnb_8bit", "RMSprop8bit", 8, 1, "block-wise 8-bit RMSprop square average.")
 _bnb("rmsprop_bnb_32bit", "RMSprop32bit", 32, 1, "32-bit RMSprop square average.")
 _bnb("ademamix", "AdEMAMix", 32, 3, "AdEMAMix (two EMAs of the gradient plus one of its square), 32-bit.",
-     fixed={"optim_bits": 32})
-_bnb("ademamix_8bit", "AdEMAMix8bit", 8, 3, "AdEMAMix with block-wise 8-bit states.")
-_bnb("paged_ademamix_8bit", "PagedAdEMAMix8bit", 8, 3, "AdEMAMix with block-wise 8-bit states.", paged=True)
+     fixed={"optim_bits": 32}, defaults=_HF_ADAM)
+_bnb("ademamix_8bit", "AdEMAMix8bit", 8, 3, "AdEMAMix with block-wise 8-bit states.", defaults=_HF_ADAM)
+_bnb("paged_ademamix_8bit", "PagedAdEMAMix8bit", 8, 3, "AdEMAMix with block-wise 8-bit states.", paged=True,
+     defaults=_HF_ADAM)
 # Not bitsandbytes' PagedAdEMAMix32bit: in 0.50 it (like AdEMAMix32bit) skips AdEMAMix's state setup and gives the
 # two EMAs one tensor shaped like the parameter -- a shape error on CPU, NaN losses on CUDA. Hugging Face builds
 # AdEMAMix(optim_bits=32, is_paged=True); PagedAdEMAMix with optim_bits=32 is that class. Its double buffer is
 # allocated in CUDA managed memory even on CPU (bitsandbytes' CPU build then raises for parameters of >= 1e5
 # elements), so the name is CUDA-only.
 _bnb("paged_ademamix_32bit", "PagedAdEMAMix", 32, 3, "AdEMAMix, 32-bit states.", paged=True,
-     aliases=("paged_ademamix",), fixed={"optim_bits": 32}, supports=_NO_FSDP - {CPU},
+     aliases=("paged_ademamix",), fixed={"optim_bits": 32}, supports=_NO_FSDP - {CPU}, defaults=_HF_ADAM,
      notes="CUDA only: bitsandbytes allocates AdEMAMix's paged double buffer with CUDA managed memory.")
 _bnb("adagrad_8bit", "Adagrad8bit", 8, 1, "block-wise 8-bit Adagrad accumulator.")
 # bitsandbytes refuses SGD without momentum, so the name defaults to the usual 0.9.

@@ -71,11 +71,13 @@ def _adam_mini(groups, spec, kwargs, context):
 
 
 register(OptimizerSpec(
-    name="adafactor_hf", backend="lit_optim", target="lit_optim.optimizers.adafactor:Adafactor",
+    name="adafactor", backend="lit_optim", target="lit_optim.optimizers.adafactor:Adafactor", aliases=("adafactor_hf",),
     state_bytes=adafactor_theory, supports=NO_FSDP, defaults={"lr": 1e-3},
     description="Adafactor with an absolute learning rate (Hugging Face's relative_step=False, scale_parameter=False): "
                 "factored second moment, update clipping, no first moment.",
-    notes="PyTorch's Adafactor ('adafactor') instead steps min(lr, 1/sqrt(t)) times the parameter's RMS.",
+    notes="Hugging Face's 'adafactor' builds transformers' own Adafactor class with these settings; this is lit_optim's "
+          "implementation of the same update (no transformers dependency; the steps agree, tests/test_hf_parity.py). "
+          "PyTorch's Adafactor is 'adafactor_torch': it steps min(lr, 1/sqrt(t)) times the parameter's RMS.",
 ))
 
 _GALORE_NOTE = ("Targets: nn.Linear weights except embeddings and the head (target_modules: 'all-linear', a regex or "

@@ -6,13 +6,18 @@ from lit_optim import theory
 from lit_optim.registry import register
 from lit_optim.spec import OptimizerSpec
 
+# Hugging Face names take TrainingArguments' defaults where the class's differ (weight_decay 0.0, not AdamW's 0.01),
+# so a config with only lr builds what the Trainer builds (lit_optim.hf_args, tests/test_hf_parity.py).
+HF_DEFAULTS = {"weight_decay": 0.0}
+
 register(OptimizerSpec(
     name="adamw_torch", backend="torch", target="torch.optim:AdamW", state_bytes=theory.fp32_states(2),
-    description="PyTorch AdamW (foreach), fp32 state.",
+    defaults=HF_DEFAULTS, description="PyTorch AdamW (foreach), fp32 state.",
 ))
 register(OptimizerSpec(
     name="adamw_torch_fused", backend="torch", target="torch.optim:AdamW", fixed={"fused": True},
-    state_bytes=theory.fp32_states(2), description="PyTorch AdamW with the fused kernel (CUDA and CPU), fp32 state.",
+    defaults=HF_DEFAULTS, state_bytes=theory.fp32_states(2),
+    description="PyTorch AdamW with the fused kernel (CUDA and CPU), fp32 state.",
 ))
 register(OptimizerSpec(
     name="adam", backend="torch", target="torch.optim:Adam", state_bytes=theory.fp32_states(2),
@@ -31,10 +36,11 @@ register(OptimizerSpec(
     description="PyTorch RMSprop; extra buffers with momentum or centered=True.",
 ))
 register(OptimizerSpec(
-    name="adafactor", backend="torch", target="torch.optim:Adafactor", state_bytes=theory.factored_second_moment,
-    aliases=("adafactor_torch",), defaults={"lr": 1e-2},
+    name="adafactor_torch", backend="torch", target="torch.optim:Adafactor", state_bytes=theory.factored_second_moment,
+    defaults={"lr": 1e-2},
     description="PyTorch Adafactor: factored second moment (row + column statistics), no first moment.",
-    notes="Hugging Face's 'adafactor' is transformers' own class; this builds PyTorch's, the same algorithm family.",
+    notes="Not Hugging Face's 'adafactor' (that is lit_optim's absolute-lr Adafactor, registered as 'adafactor'): "
+          "PyTorch's steps min(lr, 1/sqrt(t)) times the parameter's RMS.",
 ))
 
 

@@ -9,16 +9,22 @@ from lit_optim.spec import DDP, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
 _GPU_ONLY = frozenset({DDP, FSDP2, GRAD_CLIP, GRAD_ACCUM})
 _NOTE = "Only tensors with >= 4096 elements divisible by block_size get low-bit state; the rest keep fp32."
 
+# adamw_torch_8bit/4bit are Hugging Face names: HF's Trainer passes weight_decay 0.0 (TrainingArguments' default, not
+# torchao's 0.01) and block_size 256 for both, so these names default to the same; adam_* are lit_optim's own.
 for decoupled, prefix, label in ((True, "adamw", "AdamW"), (False, "adam", "Adam")):
+    hf = {"weight_decay": 0.0} if decoupled else {}
+    block4 = 256 if decoupled else 128
     register(OptimizerSpec(
         name=f"{prefix}_torch_8bit", backend="torchao", target=f"torchao.optim:{label}8bit", bits=8,
-        state_bytes=theory.torchao_states(2, 8), notes=_NOTE,
+        state_bytes=theory.torchao_states(2, 8), notes=_NOTE, defaults=hf,
         description=f"torchao {label}8bit: block-wise (256) 8-bit dynamic-tree quantized moments.",
     ))
     register(OptimizerSpec(
         name=f"{prefix}_torch_4bit", backend="torchao", target=f"torchao.optim:{label}4bit", bits=4,
-        state_bytes=theory.torchao_states(2, 4), notes=_NOTE,
-        description=f"torchao {label}4bit: block-wise (128) 4-bit quantized moments.",
+        state_bytes=theory.torchao_states(2, 4), defaults={**hf, "block_size": block4},
+        notes=_NOTE + (" block_size defaults to 256 as in Hugging Face's Trainer (torchao's own default is 128)."
+                       if decoupled else ""),
+        description=f"torchao {label}4bit: block-wise ({block4}) 4-bit quantized moments.",
     ))
     register(OptimizerSpec(
         name=f"{prefix}_fp8", backend="torchao", target=f"torchao.optim:{label}Fp8", bits=8,
