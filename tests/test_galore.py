@@ -252,7 +252,7 @@ def test_8bit_inner_precision_depends_on_the_projected_size():
 
 
 @pytest.mark.parametrize("inner, reason", [
-    ("lamb_8bit", "trust ratio"), ("adafactor", "adafactor_hf"), ("schedule_free_adamw", "schedule-free"),
+    ("lamb_8bit", "trust ratio"), ("adafactor_torch", "adafactor_hf"), ("schedule_free_adamw", "schedule-free"),
     ("muon", "composite"),
 ])
 def test_inner_optimizers_that_read_the_parameter_are_refused_before_step_1(inner, reason, tmp_path):

@@ -24,7 +24,7 @@ LR = {
     "lion_8bit": 5e-3, "lion_32bit": 5e-3, "paged_lion_8bit": 5e-3, "paged_lion_32bit": 5e-3,
     "adagrad": 5e-2, "adagrad_8bit": 5e-2,
     "rmsprop": 2e-3, "rmsprop_bnb": 2e-3, "rmsprop_bnb_8bit": 2e-3, "rmsprop_bnb_32bit": 2e-3,
-    "muon": 2e-2, "adafactor": 3e-2,
+    "muon": 2e-2, "adafactor_torch": 3e-2,
 }
 
 

@@ -11,8 +11,8 @@ the update is multiplied by sqrt(scale); APOLLO-Mini's customary scale is 128.
 State per m x n target (m <= n, "std"): the inner moments of an r x n tensor and one scalar (the limiter's last norm);
 the projection matrix itself is regenerated each step from its seed and never stored.
 
-Why not the apollo-torch package: it is built on galore-torch's projector (same resume gap: state outside
-``state_dict``) and offers AdamW only; here APOLLO shares lit_optim's GaLore machinery, so it checkpoints, resumes
+Why not the apollo-torch package: it is built on galore-torch's projector objects (checkpoints that do not load
+with ``weights_only=True``) and offers AdamW only; here APOLLO shares lit_optim's GaLore machinery, so it checkpoints, resumes
 exactly and runs in backward like every other name.
 """
 

@@ -9,8 +9,9 @@ state of m x n. Defaults are Hugging Face's: rank 128, update_proj_gap 200, scal
 singular vectors come from the Gram matrix's eigenvectors by default (``svd_method``; see projection.svd_factors).
 
 Why not the galore-torch package: its 8-bit class passes removed bitsandbytes arguments positionally (they land in
-``max_unorm``/``skip_zeros`` on bitsandbytes 0.50), and its projector state is not in ``state_dict``, so a run does not
-resume exactly. This one wraps any registry optimizer and keeps the projector as plain tensors in the optimizer state.
+``max_unorm``/``skip_zeros`` on bitsandbytes 0.50), and it keeps each projector as a Python object in the optimizer
+state, which checkpoints cannot load with ``weights_only=True``. This one wraps any registry optimizer and keeps the
+projector as plain tensors, so runs resume exactly.
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ from lit_optim.optimizers.projection import check_proj_type, project, projected_
 
 # Inner optimizers whose update depends on the parameter's value cannot step a zero-valued stand-in.
 _NOT_PROJECTABLE = {
-    "adafactor": "PyTorch's Adafactor scales its step by the parameter's RMS (zero for a projected stand-in); use "
-                 "'adafactor_hf' (absolute lr) -- that is what 'galore_adafactor' uses",
+    "adafactor_torch": "PyTorch's Adafactor scales its step by the parameter's RMS (zero for a projected stand-in); "
+                       "use 'adafactor' (alias 'adafactor_hf', absolute lr) -- that is what 'galore_adafactor' uses",
     "lamb_8bit": "LAMB's trust ratio divides by the parameter's norm, which is zero for a projected stand-in",
 }
 
