@@ -15,6 +15,7 @@ from lit_optim.errors import (
     UnknownOptimizerError,
     UnsupportedOptimizerError,
 )
+from lit_optim.hf_args import from_hf_training_args
 from lit_optim.registry import describe, get_spec, list_optimizers
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "UnsupportedOptimizerError",
     "build_optimizer",
     "describe",
+    "from_hf_training_args",
     "get_spec",
     "list_optimizers",
 ]

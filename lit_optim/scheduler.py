@@ -1,8 +1,10 @@
 """Warmup + cosine / linear / constant learning-rate schedules, stepped once per optimizer step.
 
-torchao stores each group's learning rate as a tensor, and PyTorch's schedulers then keep that very tensor as their
-base rate, so a multiplicative schedule compounds on itself. These schedules keep float base rates and let
-`LRScheduler.step` write through `fill_` where the rate is a tensor.
+One `LRScheduler` whose factor is `lr_factor`, so warmup and decay read the same in every run and in the logs.
+torchao stores each group's learning rate as a tensor (it must be updated in place); `LRScheduler.step` writes through
+``fill_`` there. Base rates are kept as floats so checkpoints and logs hold plain numbers. (Early torch 2.x
+schedulers kept torchao's lr tensor itself as the base and compounded on it; torch 2.13's ``LambdaLR`` gives exact
+values, checked in tests/test_scheduler.py.)
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class WarmupSchedule(LRScheduler):
         self.schedule, self.total_steps = schedule, int(total_steps)
         self.warmup_steps, self.min_lr_ratio = int(warmup_steps), float(min_lr_ratio)
         for group in optimizer.param_groups:
-            # A float copy: PyTorch would otherwise keep torchao's lr tensor itself as the base rate.
+            # A float base rate: plain numbers in the checkpoint and in `base_lrs`.
             group.setdefault("initial_lr", float(group["lr"]))
         super().__init__(optimizer, last_epoch)
 

@@ -94,6 +94,19 @@ def test_torchao_tensor_lr_is_updated_in_place_and_does_not_compound():
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(1e-3, rel=1e-6)  # the floor
 
 
+def test_pytorch_lambda_lr_no_longer_compounds_on_torchao_lr():
+    """The fact scheduler.py's docstring states: on this torch, LambdaLR with torchao's tensor lr gives exact values."""
+    model = nn.Linear(64, 64)
+    opt = lit_optim.build_optimizer(model, "adamw_torch_8bit", lr=1e-2, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+    for step in range(1, 4):
+        model(torch.randn(4, 64)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        assert float(opt.param_groups[0]["lr"]) == pytest.approx(1e-2 * 0.5**step, rel=1e-6)
+
+
 class LrPerBatch(Callback):
     def __init__(self) -> None:
         self.lrs: list[float] = []
