@@ -96,6 +96,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module, datamodule, trainer = build_run(cfg)
     if not cfg.get("validate", True):
         trainer.limit_val_batches = 0
+    module.release_after_fit = True  # nothing in this process uses the weights after fit (see the module's hook)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     except torch.OutOfMemoryError as err:

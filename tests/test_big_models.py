@@ -259,3 +259,31 @@ def test_gpu_budget_caps_the_allocator_and_is_lifted_after(tmp_path):
                         callbacks=[budget, Probe()])
     trainer.fit(task, make_data())
     torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")  # the cap is gone after the fit
+
+
+def test_cli_run_frees_the_model_after_fit_and_keeps_everything_written(tmp_path, monkeypatch):
+    """`lit-optim train` ends with the fit: the weights and optimizer state are freed on the device before Lightning's
+    teardown would copy them to the host, after the last checkpoint and the metrics are written."""
+    from lit_optim import train as train_mod
+    from test_recipes import compose_recipe
+
+    cfg = compose_recipe("tiny_lm_8bit_vs_fp32", tmp_path, "logger=csv", "trainer.max_steps=2", "optim=adamw_torch",
+                         "trainer.enable_progress_bar=false", "callbacks.checkpoint.every_n_train_steps=2")
+    built = {}
+    real = train_mod.build_run
+
+    def keep(c):
+        built["run"] = real(c)
+        return built["run"]
+
+    monkeypatch.setattr(train_mod, "build_run", keep)
+    metrics = train_mod.train(cfg)
+    module, _, trainer = built["run"]
+    assert all(p.numel() == 0 for p in module.parameters())
+    assert all(not opt.state for opt in trainer.optimizers)
+    assert math.isfinite(metrics["train/loss"])
+    (ckpt,) = (tmp_path / "checkpoints").glob("*step=2.ckpt")
+    state = torch.load(ckpt, weights_only=True)
+    assert state["state_dict"] and all(t.numel() > 0 for t in state["state_dict"].values())
+    assert state["optimizer_states"][0]["state"]
+    assert list((tmp_path / "csv").rglob("metrics.csv"))
