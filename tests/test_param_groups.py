@@ -123,8 +123,11 @@ def test_optimizer_groups_weight_decay_and_frozen_params():
     assert set(opt.lit_optim.plan.frozen) == FROZEN
 
 
-def test_default_weight_decay_is_the_optimizers_own():
-    opt = lit_optim.build_optimizer(Model(), "adamw_torch")  # torch AdamW's default is 0.01
+def test_default_weight_decay_is_the_names_else_the_optimizers_own():
+    opt = lit_optim.build_optimizer(Model(), "adamw_torch")  # a Hugging Face name: TrainingArguments' 0.0, not 0.01
+    wd = {g["name"]: g["weight_decay"] for g in opt.param_groups}
+    assert wd == {"decay": 0.0, "no_decay": 0.0}
+    opt = lit_optim.build_optimizer(Model(), "adamw_32bit")  # lit_optim's own name: bitsandbytes AdamW's 0.01
     wd = {g["name"]: g["weight_decay"] for g in opt.param_groups}
     assert wd == {"decay": 0.01, "no_decay": 0.0}
     opt = lit_optim.build_optimizer(Model(), "adam")  # torch Adam's default is 0

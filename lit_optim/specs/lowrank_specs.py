@@ -80,9 +80,17 @@ register(OptimizerSpec(
           "PyTorch's Adafactor is 'adafactor_torch': it steps min(lr, 1/sqrt(t)) times the parameter's RMS.",
 ))
 
+# Where the Hugging Face names build something else than HF's Trainer, on purpose (shown by `lit-optim describe`).
+HF_LOWRANK_DIFFERENCES = (
+    "Differs from Hugging Face's Trainer on purpose: its 'all-linear' also targets lm_head (lit_optim keeps the head "
+    "full-rank; list it in target_modules to project it); it passes only lr and the projection settings, so "
+    "weight_decay and adam_beta/epsilon are not applied and non-targeted parameters get the class defaults in one "
+    "group, while lit_optim gives non-targeted parameters its decay/no-decay groups with weight_decay and the inner "
+    "optimizer's betas/eps.")
 _GALORE_NOTE = ("Targets: nn.Linear weights except embeddings and the head (target_modules: 'all-linear', a regex or "
                 "names, as Hugging Face's optim_target_modules); other tensors get the inner optimizer with the "
-                "normal param groups, weight decay included. State theory is per targeted weight.")
+                "normal param groups, weight decay included. State theory is per targeted weight. "
+                + HF_LOWRANK_DIFFERENCES)
 # name, inner registry name, bits of the inner's bulk state, HF name?
 _GALORE = [
     ("galore_adamw", "adamw_torch", 32, "GaLore projection around PyTorch AdamW (fp32 low-rank moments)."),
@@ -93,13 +101,17 @@ _GALORE = [
                                                        "by 256)."),
     ("galore_adamw_4bit", "adamw_torch_4bit", 4, "GaLore projection around torchao AdamW4bit (4-bit low-rank moments "
                                                  "where the projection has >= 4096 elements divisible by 128)."),
-    ("galore_adafactor", "adafactor_hf", 32, "GaLore projection around Adafactor (absolute lr; factored second "
-                                             "moment of the projection)."),
+    ("galore_adafactor", "adafactor", 32, "GaLore projection around Adafactor (absolute lr; factored second "
+                                          "moment of the projection)."),
 ]
+# adamw_torch_4bit defaults to Hugging Face's block 256; galore_adamw_4bit is lit_optim's own name and keeps torchao's
+# 128, under which more of the small projected moments divide evenly and so get 4-bit state.
+_GALORE_DEFAULTS = {"galore_adamw_4bit": {"block_size": 128}}
 for _name, _inner, _bits, _desc in _GALORE:
     register(OptimizerSpec(
         name=_name, backend="lit_optim", target="lit_optim.optimizers.galore:GaLore", builder=_galore,
         fixed={"inner": _inner}, bits=_bits, supports=NO_FSDP, notes=_GALORE_NOTE,
+        defaults=_GALORE_DEFAULTS.get(_name, {}),
         state_bytes=lowrank_theory(_inner, GALORE_DEFAULTS, store_factors=True), description=_desc,
     ))
 register(OptimizerSpec(
@@ -110,7 +122,11 @@ register(OptimizerSpec(
 ))
 
 _APOLLO_NOTE = ("Random projections regenerate from a stored seed, so the state is the low-rank moments plus one "
-                "scalar per target. Update multiplied by sqrt(scale) as in the reference implementation.")
+                "scalar per target. Update multiplied by sqrt(scale) as in the reference implementation. "
+                + HF_LOWRANK_DIFFERENCES.replace("it passes only lr and the projection settings, so weight_decay and "
+                                                 "adam_beta/epsilon are not applied and",
+                                                 "it applies adam_beta/epsilon to targeted weights only, no "
+                                                 "weight_decay, and"))
 register(OptimizerSpec(
     name="apollo_adamw", backend="lit_optim", target="lit_optim.optimizers.apollo:Apollo", builder=_apollo,
     fixed={"inner": "adamw_torch"}, defaults={"eps": 1e-6}, supports=NO_FSDP, notes=_APOLLO_NOTE,
