@@ -211,7 +211,8 @@ def table(rows: list[dict]) -> str:
         fits = "/".join("yes" if r["fits"][g] else "no" for g in (24, 40, 80)) if r["fits"] else "-"
         lines.append(
             f"| {r['label']} | {r['exit']} | {fmt(r['launch_to_first_step_s'], '{:.1f}')} | "
-            f"{fmt(r['first_step_s'], '{:.2f}')} | {fmt(r['opt_step_ms'], '{:.1f}')} | {fmt(r['tokens_per_s'], '{:.0f}')} | "
+            f"{fmt(r['first_step_s'], '{:.2f}')} | {fmt(r['opt_step_ms'], '{:.1f}')} | "
+            f"{fmt(r['tokens_per_s'], '{:.0f}')} | "
             f"{fmt(r['peak_gib'])} | {fmt(r['reserved_gib'])} | {fmt(r['managed_gib'])} | {fmt(r['host_rss_gib'])} | "
             f"{fmt(r['state_b_per_param'], '{:.3f}')} | {fits} |")
     errors = [f"- {r['label']}: {r['error']}" for r in rows if r["error"]]
@@ -234,7 +235,8 @@ def main(argv=None) -> list[dict]:
         for label, overrides, cache in suite(name):
             if args.only and label not in args.only:
                 continue
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+            path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
             if cache == "fresh":
                 env["TORCHINDUCTOR_CACHE_DIR"] = caches[label] = tempfile.mkdtemp(prefix="inductor_", dir=workdir)
             elif cache and cache.startswith("reuse:"):

@@ -41,8 +41,13 @@ MONITORS = ("optim_state", "throughput", "step_timing", "device_memory", "wandb_
 
 
 def make_monitors(names: list[str], log_every: int) -> list:
-    from lit_optim.callbacks import (DeviceMemoryMonitor, OptimizerStateMonitor, SpeedMonitor, StepTimingMonitor,
-                                     WandbExtras)
+    from lit_optim.callbacks import (
+        DeviceMemoryMonitor,
+        OptimizerStateMonitor,
+        SpeedMonitor,
+        StepTimingMonitor,
+        WandbExtras,
+    )
 
     make = {"optim_state": OptimizerStateMonitor, "throughput": SpeedMonitor, "step_timing": StepTimingMonitor,
             "device_memory": DeviceMemoryMonitor, "wandb_extras": lambda _: WandbExtras()}

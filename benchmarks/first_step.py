@@ -88,7 +88,8 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps({
         "first_s": times[0], "second_s": times[1], "steady_ms": 1e3 * statistics.median(times[2:] or times[1:]),
         "graphs": counters["stats"]["unique_graphs"], "params": sum(p.numel() for _, p in named),
-        "fx_hit": ind["fxgraph_cache_hit"], "fx_miss": ind["fxgraph_cache_miss"], "fx_bypass": ind["fxgraph_cache_bypass"],
+        "fx_hit": ind["fxgraph_cache_hit"], "fx_miss": ind["fxgraph_cache_miss"],
+        "fx_bypass": ind["fxgraph_cache_bypass"],
         "aot_hit": aot["autograd_cache_hit"], "aot_miss": aot["autograd_cache_miss"],
         "aot_bypass": aot["autograd_cache_bypass"], "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
     }), flush=True)
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--dtype", default=None, help="default: bfloat16 (smoke: float32)")
     ap.add_argument("--steady-steps", type=int, default=5)
     ap.add_argument("--warm-trials", type=int, default=1, help="warm processes per optimizer (the best is shown)")
-    ap.add_argument("--cache-root", default=None, help="where the per-optimizer cold cache dirs go (default: a temp dir)")
+    ap.add_argument("--cache-root", default=None,
+                    help="where the per-optimizer cold cache dirs go (default: a temp dir)")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--json", default=None, help="also write the raw results here")
     # internal: one trial in this process
@@ -146,7 +148,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dev = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"\n{args.shapes_kind} shapes ({rows[0]['cold']['params'] / 1e6:,.1f}M params, {args.dtype}) on {dev}, "
           f"torch {torch.__version__}")
-    print(f"| optimizer | graphs | cold first step s | warm first step s | warm cache hits fx/aot (misses) | steady step ms |")
+    print("| optimizer | graphs | cold first step s | warm first step s | warm cache hits fx/aot (misses) "
+          "| steady step ms |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         c, w = r["cold"], r["warm"]

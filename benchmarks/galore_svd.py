@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lit_optim.optimizers.projection import LEFT, RIGHT, projection_side  # noqa: E402
+from lit_optim.optimizers.projection import LEFT, projection_side
 
 
 def top_subspace(g: torch.Tensor, r: int, side: str, method: str) -> torch.Tensor:

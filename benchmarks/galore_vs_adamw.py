@@ -24,12 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
 
-from lit_optim.task.data import SyntheticTextDataModule  # noqa: E402
-from lit_optim.task.module import LanguageModelTask  # noqa: E402
+from lit_optim.task.data import SyntheticTextDataModule
+from lit_optim.task.module import LanguageModelTask
 
 MODEL = {"arch": "tiny", "vocab_size": 256, "d_model": 128, "n_layers": 2, "n_heads": 4, "max_seq_len": 128}
 

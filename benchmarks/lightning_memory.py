@@ -38,12 +38,12 @@ from lightning.pytorch.callbacks import Callback
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import lowrank_memory  # noqa: E402
-from lowrank_memory import llama_1b, llama_tiny  # noqa: E402
+import lowrank_memory
+from lowrank_memory import llama_1b, llama_tiny
 
-from lit_optim.state_bytes import total_state_bytes  # noqa: E402
-from lit_optim.task.data import SyntheticTextDataModule  # noqa: E402
-from lit_optim.task.module import LanguageModelTask  # noqa: E402
+from lit_optim.state_bytes import total_state_bytes
+from lit_optim.task.data import SyntheticTextDataModule
+from lit_optim.task.module import LanguageModelTask
 
 # (label, optim node as a user writes it, OptimizerMixin's release_grads_after_step). "rank" is filled in from --rank.
 # The "grads kept" rows are Lightning's own behaviour: gradients live on until the next step's closure zeroes them.
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
         optim = {"lr": 1e-4, **{k: (args.rank if k == "rank" else v) for k, v in optim.items()}}
         try:
             rows.append(run_one(label, optim, release, args, device))
-        except Exception as err:  # one failing configuration must not hide the others
+        except Exception as err:  # noqa: BLE001 - one failing configuration must not hide the others
             rows.append({"label": label, "optim": optim, "error": f"{type(err).__name__}: {err}"})
         print(table(rows[-1:], unit).splitlines()[-1], flush=True)
     print()

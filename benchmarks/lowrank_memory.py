@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import lit_optim  # noqa: E402
-from lit_optim.state_bytes import total_state_bytes  # noqa: E402
+import lit_optim
+from lit_optim.state_bytes import total_state_bytes
 
 # (label, registry name, extra hyperparameters, uses --rank)
 CONFIGS = [
@@ -166,7 +166,7 @@ def run_one(label, name, hp, args, device, dtype) -> dict:
     watch.remove()
     if hasattr(opt, "remove_hooks"):
         opt.remove_hooks()
-    opt = model = watch = tokens = None  # noqa: F841  (free them before the next configuration)
+    opt = model = watch = tokens = None
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
         hp = {**hp, **({"rank": args.rank} if ranked else {})}
         try:
             row = run_one(label, name, hp, args, device, dtype)
-        except Exception as err:  # one failing configuration must not hide the others
+        except Exception as err:  # noqa: BLE001 - one failing configuration must not hide the others
             row = {"label": label, "name": name, "error": f"{type(err).__name__}: {err}"}
             gc.collect()
             if device.type == "cuda":
@@ -256,7 +256,8 @@ def main(argv=None) -> int:
     print(table(rows))
     meta = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "arch": args.arch, "tiny": tiny, "dtype": str(dtype), "autocast_bf16": args.autocast,
+        "torch": torch.__version__, "arch": args.arch, "tiny": tiny, "dtype": str(dtype),
+        "autocast_bf16": args.autocast,
         "vocab": args.vocab,
         "batch": args.batch, "seq": args.seq, "steps": args.steps, "rank": args.rank, "table_unit": UNIT,
         "model": (llama_tiny if tiny else llama_1b)(args.vocab) if args.arch == "llama" else "TinyLM",

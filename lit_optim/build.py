@@ -54,7 +54,8 @@ class BuildInfo:
             "theory_bytes_per_param": round(self.spec.bytes_per_param(self.hyperparameters), 4),
             "trainable_params": sum(g["params"] for g in groups), "groups": groups,
             "embedding_32bit_params": self.embedding_32bit_params,
-            "hyperparameters": {k: v for k, v in self.hyperparameters.items() if isinstance(v, (int, float, str, bool, tuple, type(None)))},
+            "hyperparameters": {k: v for k, v in self.hyperparameters.items()
+                                if isinstance(v, (int, float, str, bool, tuple, type(None)))},
             **self.extra,
         }
 
@@ -179,7 +180,8 @@ def resolve_hyperparameters(spec: OptimizerSpec, hyperparameters: Mapping[str, A
     for key in list(kwargs):
         if key in accepted:
             kwargs[key] = _check_type(spec, key, kwargs[key], accepted[key])
-    missing = [k for k, d in accepted.items() if d is inspect.Parameter.empty and k not in kwargs and k not in spec.fixed]
+    missing = [k for k, d in accepted.items()
+               if d is inspect.Parameter.empty and k not in kwargs and k not in spec.fixed]
     if missing:
         raise HyperparameterError(f"Optimizer {spec.name!r} needs hyperparameter(s) {missing}; none were given.")
     lr = kwargs.get("lr", accepted.get("lr"))
@@ -313,7 +315,8 @@ def build_optimizer(
         from lit_optim.optimizers.in_backward import build_in_backward, in_backward_spec
 
         optimizer = build_in_backward(
-            plan.groups, spec, ctor_kwargs, BuildContext(plan), clip_per_param_norm=group_opts.get("clip_per_param_norm"),
+            plan.groups, spec, ctor_kwargs, BuildContext(plan),
+            clip_per_param_norm=group_opts.get("clip_per_param_norm"),
             embedding_state_32bit=bool(group_opts.pop("embedding_state_32bit", False)),
         )
         built_spec = in_backward_spec(spec)

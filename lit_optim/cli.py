@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import logging
 import sys
 
 from lit_optim.noise import quiet_import_noise

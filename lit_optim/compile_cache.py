@@ -88,7 +88,7 @@ def _torchao_name(name: Any) -> bool:
 
     try:
         return get_spec(name).backend == "torchao"
-    except Exception:  # an unknown inner name is reported by the inner build, not here
+    except Exception:  # noqa: BLE001 - an unknown inner name is reported by the inner build, not here
         return False
 
 

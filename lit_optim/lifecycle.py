@@ -7,7 +7,8 @@
   copies state into ordinary device tensors);
 - optimizers that step in backward log the gradient norm they measured (`grad_norm`);
 - under automatic optimization, gradients are freed (set to None) at the end of every batch in which the optimizer
-  stepped, unless the module says `release_grads_after_step = False`. Lightning zeroes them only in the next step's closure, after its forward, so
+  stepped, unless the module says `release_grads_after_step = False`. Lightning zeroes them only in the next step's
+  closure, after its forward, so
   the previous step's gradients would sit next to the new activations (on a 1B Llama, +3.7 GiB at GaLore's peak).
   "Stepped" means the optimizer's own `step` ran (a step post-hook says so): at the end of an accumulation window,
   also under strategies that accumulate by themselves. A step a GradScaler skipped leaves the gradients to

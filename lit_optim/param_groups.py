@@ -126,7 +126,8 @@ def build_param_groups(
     """Named groups: ``decay`` and ``no_decay`` (and ``<selector>/decay`` ... for each `lr_scales` entry)."""
     infos, frozen, model = classify(model_or_named_params, no_decay)
     if not infos:
-        raise HyperparameterError("The model has no trainable parameters (all requires_grad=False): nothing to optimize.")
+        raise HyperparameterError(
+            "The model has no trainable parameters (all requires_grad=False): nothing to optimize.")
     scales = dict(lr_scales or {})
     for key, value in scales.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:

@@ -17,8 +17,8 @@ from lit_optim.errors import (
     UnknownOptimizerError,
     UnsupportedOptimizerError,
 )
-from lit_optim.spec import CPU, OptimizerSpec
 from lit_optim.hf_names import HF_TRAINER_NAMES, OUT_OF_SCOPE
+from lit_optim.spec import CPU, OptimizerSpec
 
 _SPECS: dict[str, OptimizerSpec] = {}
 _ALIASES: dict[str, str] = {}
@@ -112,8 +112,10 @@ def _offload_line(spec: OptimizerSpec) -> str:
     from lit_optim.optimizers.offload import offload_problem
 
     problem = offload_problem(spec)
-    return "no: " + problem if problem else ("optim.offload=cpu (state and step on the host); add optim.offload_gradients=true to move "
-                                   "gradients there during backward")
+    if problem:
+        return "no: " + problem
+    return ("optim.offload=cpu (state and step on the host); add optim.offload_gradients=true to move gradients there "
+            "during backward")
 
 
 def describe(name: str) -> str:
@@ -130,7 +132,8 @@ def describe(name: str) -> str:
         + (f" ({spec.bits}-bit" + (", paged" if spec.paged else "") + ")" if spec.bits else " (stateless)"),
         "  runs on:       "
         + ("CUDA only" if spec.requires_cuda or CPU not in spec.supports else "CPU and CUDA")
-        + (f" (compute capability >= {'.'.join(map(str, spec.min_compute_capability))})" if spec.min_compute_capability else ""),
+        + (f" (compute capability >= {'.'.join(map(str, spec.min_compute_capability))})"
+           if spec.min_compute_capability else ""),
         f"  supports:      {', '.join(sorted(spec.supports))}",
         f"  CPU offload:   {_offload_line(spec)}",
         f"  HF Trainer:    {', '.join(n for n in spec.names if n in HF_TRAINER_NAMES) or 'no'}",

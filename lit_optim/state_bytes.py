@@ -191,7 +191,7 @@ def _collect(optimizer, out: list[_Source], depth: int = 0) -> None:
         for inner in ([optimizer.d_opt] if optimizer.d_opt is not None else []) + list(optimizer.optim_dict.values()):
             _collect(inner, out, depth + 1)
         buffers = []
-        for p_device, p_host in optimizer.param_d2h_map.items():
+        for p_host in optimizer.param_d2h_map.values():
             buffers.append((p_host, "host_param", p_host))
             if p_host.grad is not None:
                 buffers.append((p_host, "host_grad", p_host.grad))

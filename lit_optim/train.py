@@ -40,9 +40,9 @@ def build_logger(cfg: DictConfig | None):
             return L.pytorch.loggers.CSVLogger(save_dir=cfg.get("save_dir") or ".", name="csv")
         try:
             logger = instantiate(cfg)
-            logger.experiment  # starts the run now, so a failure surfaces here and not mid-training
+            _ = logger.experiment  # starts the run now, so a failure surfaces here and not mid-training
             return logger
-        except Exception as err:  # W&B must never stop training
+        except Exception as err:  # noqa: BLE001 - W&B must never stop training
             rank_zero_warn(f"W&B could not start ({type(err).__name__}: {err}); logging to CSV instead.")
             return L.pytorch.loggers.CSVLogger(save_dir=cfg.get("save_dir") or ".", name="csv")
     return instantiate(cfg)

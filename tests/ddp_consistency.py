@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import TINY_MODEL, make_data, make_module  # noqa: E402
+from harness import TINY_MODEL, make_data, make_module
 
 HP = {"rank": 8, "update_proj_gap": 2}
 

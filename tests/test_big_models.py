@@ -13,8 +13,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from harness import TINY_MODEL, make_data, run_task
+
 from lit_optim.errors import (
     HyperparameterError,
     IncompatibleConfigError,
@@ -154,8 +154,9 @@ def test_budget_is_refused_before_training_off_the_gpu_and_when_malformed(tmp_pa
 
 def test_out_of_memory_becomes_one_line_naming_the_budget(tmp_path, monkeypatch):
     """`lit-optim train` turns an OOM into OutOfDeviceMemoryError (exit status 3) with the budget and the way out."""
-    from lit_optim import train as train_mod
     from test_recipes import compose_recipe
+
+    from lit_optim import train as train_mod
 
     cfg = compose_recipe("tiny_lm_8bit_vs_fp32", tmp_path, "logger=csv", "trainer.max_steps=2",
                          "trainer.enable_progress_bar=false")
@@ -264,8 +265,9 @@ def test_gpu_budget_caps_the_allocator_and_is_lifted_after(tmp_path):
 def test_cli_run_frees_the_model_after_fit_and_keeps_everything_written(tmp_path, monkeypatch):
     """`lit-optim train` ends with the fit: the weights and optimizer state are freed on the device before Lightning's
     teardown would copy them to the host, after the last checkpoint and the metrics are written."""
-    from lit_optim import train as train_mod
     from test_recipes import compose_recipe
+
+    from lit_optim import train as train_mod
 
     cfg = compose_recipe("tiny_lm_8bit_vs_fp32", tmp_path, "logger=csv", "trainer.max_steps=2", "optim=adamw_torch",
                          "trainer.enable_progress_bar=false", "callbacks.checkpoint.every_n_train_steps=2")

@@ -13,8 +13,14 @@ from callbacks_support import fit
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
-from lit_optim.callbacks import (DeviceMemoryMonitor, OptimizerStateMonitor, SpeedMonitor, StepTimingMonitor,
-                                 WandbExtras, default_monitors)
+from lit_optim.callbacks import (
+    DeviceMemoryMonitor,
+    OptimizerStateMonitor,
+    SpeedMonitor,
+    StepTimingMonitor,
+    WandbExtras,
+    default_monitors,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +32,8 @@ def callbacks(tmp_path, *overrides):
 
 
 def test_monitors_are_on_by_default_with_their_interval(tmp_path):
-    built, cfg = callbacks(tmp_path, "callbacks.step_timing.warmup_steps=5", "callbacks.throughput.log_every_n_steps=20")
+    built, cfg = callbacks(tmp_path, "callbacks.step_timing.warmup_steps=5",
+                           "callbacks.throughput.log_every_n_steps=20")
     kinds = {name: type(cb) for name, cb in built.items()}
     assert kinds == {
         "checkpoint": kinds["checkpoint"], "lr_monitor": kinds["lr_monitor"], "optim_state": OptimizerStateMonitor,
@@ -72,4 +79,5 @@ def test_all_monitors_with_tensorboard(tmp_path):
     for tag in ("optim_state/bytes", "throughput/tokens_per_sec", "timing/optimizer_step_ms", "memory/host_rss_bytes"):
         assert tag in tags, tag
     params = sum(p.numel() for p in module.parameters())
-    assert [e.value for e in events.Scalars("optim_state/bytes")] == [8 * params + 4 * len(list(module.parameters()))] * 3
+    expected = 8 * params + 4 * len(list(module.parameters()))
+    assert [e.value for e in events.Scalars("optim_state/bytes")] == [expected] * 3

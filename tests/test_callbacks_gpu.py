@@ -13,8 +13,7 @@ from callbacks_support import SEQ, fit, read_csv, values
 from lightning.pytorch import Callback
 from torch import nn
 
-from lit_optim.callbacks import (DeviceMemoryMonitor, OptimizerStateMonitor, SpeedMonitor, StepTimingMonitor,
-                                 WandbExtras)
+from lit_optim.callbacks import DeviceMemoryMonitor, OptimizerStateMonitor, SpeedMonitor, StepTimingMonitor, WandbExtras
 from lit_optim.flops import available_flops, peak_flops_for_name
 from lit_optim.state_bytes import state_report
 

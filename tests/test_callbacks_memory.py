@@ -19,7 +19,7 @@ from lit_optim.state_bytes import state_report
 
 def vm_rss_bytes() -> int:
     with open("/proc/self/status") as f:
-        line = next(l for l in f if l.startswith("VmRSS:"))
+        line = next(row for row in f if row.startswith("VmRSS:"))
     return int(line.split()[1]) * 1024
 
 
@@ -35,8 +35,8 @@ class RssProbe(Callback):
 
 def test_host_memory_on_cpu(tmp_path):
     probe = RssProbe()
-    trainer, _ = fit(tmp_path, {"name": "adamw_torch", "lr": 1e-3}, 6, [DeviceMemoryMonitor(log_every_n_steps=3), probe],
-                     log_every_n_steps=3)
+    trainer, _ = fit(tmp_path, {"name": "adamw_torch", "lr": 1e-3}, 6,
+                     [DeviceMemoryMonitor(log_every_n_steps=3), probe], log_every_n_steps=3)
     rows = read_csv(trainer)
     rss = values(rows, "memory/host_rss_bytes")
     assert [s for s, _ in rss] == [0, 2, 5]  # after the first step, then every 3 steps

@@ -86,7 +86,8 @@ def test_monitor_logs_real_state_bytes_to_csv(tmp_path, name, eager_torchao):
     assert last["optim_state/ratio_to_adamw_fp32"] == pytest.approx(total / params / 8)
     # All on the CPU, none pinned or managed.
     assert last["optim_state/bytes_cpu"] == total
-    assert last["optim_state/bytes_gpu"] == last["optim_state/bytes_managed"] == last["optim_state/bytes_cpu_pinned"] == 0
+    assert last["optim_state/bytes_gpu"] == last["optim_state/bytes_managed"] == 0
+    assert last["optim_state/bytes_cpu_pinned"] == 0
     # By dtype: the uint8 bytes are exactly the quantized parameters' codes.
     dtypes = {k.removeprefix("optim_state/bytes_dtype/"): v for k, v in last.items()
               if k.startswith("optim_state/bytes_dtype/")}
@@ -152,7 +153,7 @@ class _Projector:
 
 
 class _ExplicitProtocol(torch.optim.SGD):
-    """Reports its state through ``lit_optim_state_tensors`` (and a host buffer through ``lit_optim_buffer_tensors``)."""
+    """Reports its state through ``lit_optim_state_tensors`` (a host buffer through ``lit_optim_buffer_tensors``)."""
 
     def __init__(self, params):
         super().__init__(params, lr=0.1)

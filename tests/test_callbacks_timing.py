@@ -43,7 +43,7 @@ class SleepySGD(torch.optim.SGD):
 class NoInitOptimizer(torch.optim.Optimizer):
     """Like torchao's CPUOffloadOptimizer: never runs Optimizer.__init__, so it has no step-hook registry."""
 
-    def __init__(self, params, lr):  # noqa: D107 - deliberately skips super().__init__
+    def __init__(self, params, lr):
         self.inner = torch.optim.SGD(params, lr=lr)
         self.calls = 0
 

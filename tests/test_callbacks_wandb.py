@@ -22,7 +22,8 @@ SMALLER = {"d_model": 64, "n_heads": 2}  # the tiny config, narrower: quick on t
 TRAIN_ARGS = [
     "trainer.max_steps=6", "trainer.log_every_n_steps=2", "trainer.val_check_interval=3",
     "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false", "data.train_tokens=16384",
-    "data.seq_len=32", "data.batch_size=8", "callbacks.checkpoint=null", *(f"model.{k}={v}" for k, v in SMALLER.items()),
+    "data.seq_len=32", "data.batch_size=8", "callbacks.checkpoint=null",
+    *(f"model.{k}={v}" for k, v in SMALLER.items()),
 ]
 
 
@@ -72,7 +73,8 @@ def test_train_with_wandb_offline_records_metrics_config_and_table(tmp_path):
 
     # define_metric: each namespace with its summary, against trainer/global_step.
     summaries = {m["glob_name"]: (m["summary"], m["step_metric"]) for m in run.metrics if m["glob_name"]}
-    for glob, summary in {"optim_state/*": "max", "memory/*": "max", "throughput/*": "mean", "timing/*": "mean"}.items():
+    expected = {"optim_state/*": "max", "memory/*": "max", "throughput/*": "mean", "timing/*": "mean"}
+    for glob, summary in expected.items():
         assert summaries[glob] == ([summary], "trainer/global_step")
 
     # The config holds what was built, not only what was asked.

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import torch
-
 from harness import _flatten_state  # noqa: F401  (kept for symmetry with single-device tests)
 
 ARGS = [

@@ -251,7 +251,8 @@ def test_builds_and_steps_what_the_trainer_builds(name, given, fresh_bnb_manager
     if reason:
         pytest.skip(reason)
     args = hf_args(name, **GIVEN[given])
-    (theirs, hf_model), (ours, ours_model), _ = build_both(args, {"name": name, "lr": LR} if given == "name_and_lr" else None)
+    ours_cfg = {"name": name, "lr": LR} if given == "name_and_lr" else None
+    (theirs, hf_model), (ours, ours_model), _ = build_both(args, ours_cfg)
     assert_same_optimizer(name, theirs, hf_model, ours, ours_model)
     if get_spec(name).embedding_state_32bit:
         assert ours.lit_optim.embedding_32bit_params == ours_model.embed.weight.numel()
@@ -316,7 +317,8 @@ def test_lowrank_names_map_targets_and_projection_settings():
     assert lit_optim.from_hf_training_args(args) == {
         "name": "galore_adamw_8bit", "lr": 1e-2, "weight_decay": 0.0, "target_modules": ["attn", "mlp"],
         "rank": 64, "update_proj_gap": 100, "scale": 0.5, "proj_type": "left"}
-    cfg = lit_optim.from_hf_training_args(hf_args("apollo_adamw", learning_rate=1e-2, optim_target_modules="all-linear"))
+    cfg = lit_optim.from_hf_training_args(
+        hf_args("apollo_adamw", learning_rate=1e-2, optim_target_modules="all-linear"))
     assert cfg["betas"] == (0.9, 0.999) and cfg["eps"] == 1e-8 and cfg["target_modules"] == "all-linear"
     with pytest.raises(HyperparameterError, match="optim_target_modules"):
         lit_optim.from_hf_training_args(hf_args("galore_adamw", learning_rate=1e-2))

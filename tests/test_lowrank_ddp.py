@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-NAMES = ["galore_adamw"]  # the SVD is the part that must agree across ranks; APOLLO/Adam-mini are rank-local the same way
+# The SVD is the part that must agree across ranks; APOLLO/Adam-mini are rank-local the same way.
+NAMES = ["galore_adamw"]
 
 
 @pytest.mark.slow

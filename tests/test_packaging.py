@@ -5,12 +5,11 @@ pyproject.toml's hand-written `packages` list names every package directory.
 
 from __future__ import annotations
 
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
-
+import tomllib
 import wheel_build
 
 REPO = wheel_build.REPO

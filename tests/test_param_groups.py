@@ -14,7 +14,7 @@ from torch import nn
 
 import lit_optim
 from lit_optim.errors import HyperparameterError
-from lit_optim.param_groups import build_param_groups, classify
+from lit_optim.param_groups import classify
 
 
 class Holder(nn.Module):

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 import wheel_build
 
 APP = Path(__file__).resolve().parent / "outside_app" / "my_app.py"

@@ -7,6 +7,7 @@ import resource
 import sys
 
 import torch
+
 from lit_optim.callbacks._common import SnapshotCallback, state_reports
 from lit_optim.state_bytes import StateReport
 

@@ -12,8 +12,8 @@ State per m x n target (m <= n, "std"): the inner moments of an r x n tensor and
 the projection matrix itself is regenerated each step from its seed and never stored.
 
 Why not the apollo-torch package: it is built on galore-torch's projector objects (checkpoints that do not load
-with ``weights_only=True``) and offers AdamW only; here APOLLO shares lit_optim's GaLore machinery, so it checkpoints, resumes
-exactly and runs in backward like every other name.
+with ``weights_only=True``) and offers AdamW only; here APOLLO shares lit_optim's GaLore machinery, so it
+checkpoints, resumes exactly and runs in backward like every other name.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         for opt, kind in ((self._muon, MUON), (self._adamw, ADAMW)):
             for g in opt.param_groups if opt else ():
                 g["kind"] = kind
-        inner_groups = [*(self._muon.param_groups if self._muon else ()), *(self._adamw.param_groups if self._adamw else ())]
+        inner_groups = [*(self._muon.param_groups if self._muon else ()),
+                        *(self._adamw.param_groups if self._adamw else ())]
         # The same dict objects: schedulers and Lightning edit the groups the inner optimizers read.
         super().__init__(inner_groups, {"lr": lr})
         self._relink()

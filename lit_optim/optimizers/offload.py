@@ -50,7 +50,8 @@ def offload_problem(spec) -> str | None:
                 "demand; pick one: paging, or the unpaged name " + repr(spec.name.removeprefix("paged_"))
                 + " with offload=cpu")
     if spec.train_eval_switch:
-        return "it is schedule-free: its train()/eval() swap edits the parameters it steps, which would be the host copies"
+        return ("it is schedule-free: its train()/eval() swap edits the parameters it steps, which would be the host "
+                "copies")
     if spec.target.endswith(("InBackwardOptimizer", ":Lomo", ":AdaLomo")):
         return "it steps in backward on the device gradients; offload steps after backward"
     if spec.builder is not None:

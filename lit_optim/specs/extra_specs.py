@@ -24,7 +24,8 @@ register(OptimizerSpec(
 ))
 register(OptimizerSpec(
     name="stable_adamw", backend="optimi", target="optimi:StableAdamW", state_bytes=theory.fp32_states(2),
-    # Hugging Face's Trainer passes TrainingArguments' betas, eps and weight decay, not optimi's (0.9, 0.99), 1e-6, 0.01.
+    # Hugging Face's Trainer passes TrainingArguments' betas, eps and weight decay, not optimi's defaults
+    # ((0.9, 0.99), 1e-6, 0.01).
     defaults={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
     description="StableAdamW (optimi): AdamW with AdaFactor-style update clipping; Kahan summation for bf16 params.",
 ))

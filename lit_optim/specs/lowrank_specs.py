@@ -75,7 +75,8 @@ register(OptimizerSpec(
     state_bytes=adafactor_theory, supports=NO_FSDP, defaults={"lr": 1e-3},
     description="Adafactor with an absolute learning rate (Hugging Face's relative_step=False, scale_parameter=False): "
                 "factored second moment, update clipping, no first moment.",
-    notes="Hugging Face's 'adafactor' builds transformers' own Adafactor class with these settings; this is lit_optim's "
+    notes="Hugging Face's 'adafactor' builds transformers' own Adafactor class with these settings; this is "
+          "lit_optim's "
           "implementation of the same update (no transformers dependency; the steps agree, tests/test_hf_parity.py). "
           "PyTorch's Adafactor is 'adafactor_torch': it steps min(lr, 1/sqrt(t)) times the parameter's RMS.",
 ))

@@ -29,7 +29,8 @@ def _shards(path: str) -> list[str]:
     missing = [f for f in files if not os.path.isfile(f)]
     if not files or missing:
         raise MissingPathError(
-            f"model.pretrained={path!r} has no usable weights ({'missing: ' + ', '.join(missing) if missing else 'no *.safetensors files'}). "
+            f"model.pretrained={path!r} has no usable weights "
+            f"({'missing: ' + ', '.join(missing) if missing else 'no *.safetensors files'}). "
             "Give a directory saved with save_pretrained(..., safe_serialization=True)."
         )
     return files
@@ -44,7 +45,8 @@ def load_pretrained(path: str, dtype: torch.dtype) -> nn.Module:
         from transformers.modeling_utils import no_init_weights
 
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise MissingPathError(f"model.pretrained={path!r} has no config.json; it is not a Hugging Face model directory.")
+        raise MissingPathError(
+            f"model.pretrained={path!r} has no config.json; it is not a Hugging Face model directory.")
     files = _shards(path)
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     with no_init_weights():  # every weight is overwritten below; initialising 8B parameters first is wasted time
@@ -65,7 +67,8 @@ def load_pretrained(path: str, dtype: torch.dtype) -> nn.Module:
                     if tensor.shape != target.shape:
                         raise MissingPathError(
                             f"model.pretrained={path!r}: {key} has shape {tuple(tensor.shape)} in the checkpoint but "
-                            f"{tuple(target.shape)} in the model its config.json describes; the directory is inconsistent."
+                            f"{tuple(target.shape)} in the model its config.json describes; the directory is "
+                            "inconsistent."
                         )
                     target.copy_(tensor)
                     loaded.add(key)
