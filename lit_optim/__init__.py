@@ -6,6 +6,7 @@
 """
 
 from lit_optim.build import build_optimizer
+from lit_optim.description import describe
 from lit_optim.errors import (
     BackendNotInstalledError,
     DeviceRequirementError,
@@ -16,7 +17,7 @@ from lit_optim.errors import (
     UnsupportedOptimizerError,
 )
 from lit_optim.hf_args import from_hf_training_args
-from lit_optim.registry import describe, get_spec, list_optimizers
+from lit_optim.registry import get_spec, list_optimizers
 
 __version__ = "0.1.0"
 

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             print(optimizer_table(args.pattern, args.markdown))
         elif args.command == "describe":
-            from lit_optim.registry import describe
+            from lit_optim.description import describe
 
             print(describe(args.name))
     except LitOptimError as err:

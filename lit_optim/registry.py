@@ -17,7 +17,7 @@ from lit_optim.errors import (
     UnknownOptimizerError,
     UnsupportedOptimizerError,
 )
-from lit_optim.hf_names import HF_TRAINER_NAMES, OUT_OF_SCOPE
+from lit_optim.hf_names import OUT_OF_SCOPE
 from lit_optim.spec import CPU, OptimizerSpec
 
 _SPECS: dict[str, OptimizerSpec] = {}
@@ -106,38 +106,3 @@ def availability(spec: OptimizerSpec) -> Availability:
     """Whether `spec` can run on this machine, and if not, why (without importing heavy backends)."""
     problem = requirement_problem(spec)
     return Availability(True) if problem is None else Availability(False, problem[1])
-
-
-def _offload_line(spec: OptimizerSpec) -> str:
-    from lit_optim.optimizers.offload import offload_problem
-
-    problem = offload_problem(spec)
-    if problem:
-        return "no: " + problem
-    return ("optim.offload=cpu (state and step on the host); add optim.offload_gradients=true to move gradients there "
-            "during backward")
-
-
-def describe(name: str) -> str:
-    """A human-readable description of one optimizer: what it builds, its state cost and what it supports."""
-    spec = get_spec(name)
-    fixed = ", ".join(f"{k}={v!r}" for k, v in spec.fixed.items())
-    avail = availability(spec)
-    lines = [
-        f"{spec.name}: {spec.description}",
-        f"  builds:        {spec.target.replace(':', '.')}" + (f"({fixed})" if fixed else ""),
-        f"  backend:       {spec.backend}" + ("" if avail.ok else f"  [unavailable here: {avail.reason}]"),
-        f"  aliases:       {', '.join(spec.aliases) or '-'}",
-        f"  state:         {spec.bytes_per_param():.3g} bytes/param on large tensors"
-        + (f" ({spec.bits}-bit" + (", paged" if spec.paged else "") + ")" if spec.bits else " (stateless)"),
-        "  runs on:       "
-        + ("CUDA only" if spec.requires_cuda or CPU not in spec.supports else "CPU and CUDA")
-        + (f" (compute capability >= {'.'.join(map(str, spec.min_compute_capability))})"
-           if spec.min_compute_capability else ""),
-        f"  supports:      {', '.join(sorted(spec.supports))}",
-        f"  CPU offload:   {_offload_line(spec)}",
-        f"  HF Trainer:    {', '.join(n for n in spec.names if n in HF_TRAINER_NAMES) or 'no'}",
-    ]
-    if spec.notes:
-        lines.append(f"  notes:         {spec.notes}")
-    return "\n".join(lines)

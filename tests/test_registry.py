@@ -274,3 +274,22 @@ def test_hf_name_builds_what_hf_builds(hf_name):
         model(x).square().mean().backward()
         opt.step()
     assert state_layout(ours, list(ours_model.parameters())) == state_layout(theirs, list(hf_model.parameters()))
+
+
+def test_describe_lists_what_a_name_takes_with_its_defaults():
+    text = lit_optim.describe("adamw_torch_4bit")
+    takes = text[text.index("  takes:"):]
+    assert "    block_size = 256  -- elements per quantization block" in takes  # the name's default, not torchao's
+    assert "    lr = " in takes and "    offload  -- " in takes
+    fused = lit_optim.describe("adamw_torch_fused")
+    assert "builds:        torch.optim.AdamW(fused=True)" in fused
+    assert "    fused = " not in fused  # fixed by the name, not something to set
+
+
+def test_describe_without_the_backend_says_how_to_install_it(monkeypatch):
+    import lit_optim.description as describe_mod
+    from lit_optim.registry import Availability
+
+    monkeypatch.setattr(describe_mod, "availability", lambda spec: Availability(False, "not installed"))
+    text = lit_optim.describe("stable_adamw")
+    assert "takes:         (its backend is not installed here: pip install 'lit-optim[optimi]'" in text
