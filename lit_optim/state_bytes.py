@@ -197,20 +197,22 @@ def _collect(optimizer, out: list[_Source], depth: int = 0) -> None:
                 buffers.append((p_host, "host_grad", p_host.grad))
         out.append(_Source([], buffers, params, group_of))
         return
-    entries = []
     state = getattr(optimizer, "state", None)
-    if isinstance(state, dict):
-        tensor = torch.Tensor
-        for p, per_param in state.items():
-            if not isinstance(per_param, dict):
-                entries.extend((p, key, t) for key, t in _walk(per_param, "", set()))
-                continue
-            for key, value in per_param.items():
-                if isinstance(value, tensor):  # the usual case: a tensor per state key
-                    entries.append((p, key, value))
-                elif not isinstance(value, (int, float, bool, str)) and value is not None:
-                    entries.extend((p, k, t) for k, t in _walk(value, str(key), set(), 1))
+    entries = list(state_entries(state)) if isinstance(state, dict) else []
     out.append(_Source(entries, [], params, group_of))
+
+
+def state_entries(state: dict) -> Iterator[tuple[Any, str, torch.Tensor]]:
+    """``(param, key, tensor)`` for every tensor in an ``optimizer.state``, nested containers and objects included."""
+    for p, per_param in state.items():
+        if not isinstance(per_param, dict):
+            yield from ((p, key, t) for key, t in _walk(per_param, "", set()))
+            continue
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):  # the usual case: a tensor per state key
+                yield p, key, value
+            elif not isinstance(value, (int, float, bool, str)) and value is not None:
+                yield from ((p, k, t) for k, t in _walk(value, str(key), set(), 1))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -213,3 +213,22 @@ def test_lowrank_projectors_and_in_backward_state_are_counted(tmp_path, name):
     assert projectors > 0
     assert logged["optim_state/bytes"] == storage_bytes(opt) > projectors
     assert logged["optim_state/trainable_params"] == sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name, hp", [("galore_adamw_8bit", {"rank": 16}), ("adamw_8bit", {"in_backward": True}),
+                                      ("adamw_torch", {"offload": "cpu"})])
+def test_own_wrappers_implement_the_nesting_protocol(name, hp):
+    """lit_optim's own wrappers speak the protocol the README offers users: inner optimizers for walking, state
+    tensors attributed to the model's parameters for accounting -- and the accounting equals the storages."""
+    from lit_optim.optimizers.composite import _leaves
+
+    model = nn.Sequential(nn.Linear(64, 256), nn.Linear(256, 64))
+    opt = build_optimizer(model, name, lr=1e-3, **hp)
+    model(torch.randn(4, 64)).square().mean().backward()
+    opt.step()
+    leaves = list(_leaves([opt]))
+    assert leaves and all(not hasattr(leaf, "lit_optim_inner_optimizers") for leaf in leaves)
+    params = {id(p) for p in model.parameters()}
+    attributed = [p for p, _, _ in opt.lit_optim_state_tensors()]
+    assert attributed and all(id(p) in params for p in attributed)
+    assert state_report(opt).total.bytes == storage_bytes(opt)

@@ -274,7 +274,7 @@ def test_bnb_sub_optimizers_share_one_quantization_map_dict(name, hp):
     from lit_optim.optimizers.composite import _leaves
 
     opt = lit_optim.build_optimizer(tiny(), name, lr=1e-3, **hp)
-    leaves = [o for o in _leaves(opt.sub_optimizers()) if getattr(o, "name2qmap", None)]
+    leaves = [o for o in _leaves(opt.lit_optim_inner_optimizers()) if getattr(o, "name2qmap", None)]
     assert len(leaves) > 1
     assert len({id(o.name2qmap) for o in leaves}) == 1
     leaves[0].name2qmap["dynamic"] = leaves[0].name2qmap["dynamic"].clone()  # what `.to(device)` does on a GPU
@@ -298,6 +298,6 @@ def test_loaded_bnb_state_shares_the_quantization_maps_again():
     resumed.load_state_dict(saved)
     tables = [t for s in resumed.state.values() for k, t in s.items() if k.startswith("qmap")]
     assert len(tables) >= 4 and len({t.data_ptr() for t in tables}) == 2  # signed and unsigned map, once each
-    maps = {id(t) for o in _leaves(resumed.sub_optimizers()) if getattr(o, "name2qmap", None)
+    maps = {id(t) for o in _leaves(resumed.lit_optim_inner_optimizers()) if getattr(o, "name2qmap", None)
             for t in o.name2qmap.values()}
     assert {id(t) for t in tables} <= maps

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lit_optim.errors import HyperparameterError
+from lit_optim.state_bytes import state_entries
 
 
 def as_groups(params) -> list[dict]:
@@ -112,8 +113,8 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _leaves(optimizers: Iterable[torch.optim.Optimizer]):
     for opt in optimizers:
-        if hasattr(opt, "sub_optimizers"):
-            yield from _leaves(opt.sub_optimizers())
+        if hasattr(opt, "lit_optim_inner_optimizers"):
+            yield from _leaves(opt.lit_optim_inner_optimizers())
         else:
             yield opt
 
@@ -127,8 +128,15 @@ class CompositeOptimizer(torch.optim.Optimizer):
     def _route(self, p: torch.Tensor) -> tuple[torch.optim.Optimizer, torch.Tensor]:
         raise NotImplementedError
 
-    def sub_optimizers(self) -> list[torch.optim.Optimizer]:
+    def lit_optim_inner_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The nesting protocol (see README): the optimizers this one delegates to. Re-paging and quantization-map
+        sharing walk it to the leaves; state accounting uses `lit_optim_state_tensors` instead, which attributes
+        each state tensor to the model parameter it serves (GaLore's inner optimizers step stand-in tensors)."""
         raise NotImplementedError
+
+    def lit_optim_state_tensors(self):
+        """The nesting protocol's accounting half: ``(param, key, tensor)`` for the state of each model parameter."""
+        yield from state_entries(self.state)
 
     def _after_load(self) -> None:
         """Hook for subclasses (re-share tables, re-sync groups)."""
@@ -181,7 +189,7 @@ class CompositeOptimizer(torch.optim.Optimizer):
             own[p] = {k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in mine.items()}
             if theirs:
                 per_sub.setdefault(id(sub), (sub, {}))[1][key] = theirs
-        for sub in self.sub_optimizers():
+        for sub in self.lit_optim_inner_optimizers():
             entries = per_sub.get(id(sub), (sub, {}))[1]
             _load_partial(sub, entries)
         self.state = defaultdict(dict)

@@ -77,7 +77,7 @@ class InBackwardOptimizer(CompositeOptimizer):
             for p in g["params"]:
                 self._group_of[id(p)] = gi
                 self._subs[id(p)] = make_sub({**hp, "params": [p]})
-        share_bnb_qmaps(self.sub_optimizers())
+        share_bnb_qmaps(self.lit_optim_inner_optimizers())
         self._in_window = False
         self._sq_norm: torch.Tensor | None = None
         self.last_grad_norm: torch.Tensor | None = None
@@ -101,11 +101,11 @@ class InBackwardOptimizer(CompositeOptimizer):
     def _route(self, p):
         return self._subs[id(p)], p
 
-    def sub_optimizers(self) -> list[torch.optim.Optimizer]:
+    def lit_optim_inner_optimizers(self) -> list[torch.optim.Optimizer]:
         return list(self._subs.values())
 
     def _after_load(self) -> None:
-        share_bnb_qmaps(self.sub_optimizers())
+        share_bnb_qmaps(self.lit_optim_inner_optimizers())
 
     def remove_hooks(self) -> None:
         for h in self._handles:

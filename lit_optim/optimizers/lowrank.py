@@ -109,7 +109,7 @@ class LowRankOptimizer(CompositeOptimizer):
             self.inner_spec, plain_groups, kwargs, context,
             fp32_state_params=[p for g in plain_groups for p in g["params"] if id(p) in fp32_ids],
         ) if plain_groups else None
-        share_bnb_qmaps(self.sub_optimizers())
+        share_bnb_qmaps(self.lit_optim_inner_optimizers())
 
     # --- subclass interface -------------------------------------------------------------------------------------
     def _inner_lr(self, group: dict) -> float:
@@ -160,12 +160,12 @@ class LowRankOptimizer(CompositeOptimizer):
             return self._target_opt[id(p)], self._shadow[id(p)]
         return self._plain, p
 
-    def sub_optimizers(self) -> list[torch.optim.Optimizer]:
+    def lit_optim_inner_optimizers(self) -> list[torch.optim.Optimizer]:
         return [*([self._plain] if self._plain is not None else []), *self._target_opt.values()]
 
     def _after_load(self) -> None:
         self._pending.clear()
-        share_bnb_qmaps(self.sub_optimizers())
+        share_bnb_qmaps(self.lit_optim_inner_optimizers())
 
     # --- stepping -------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -164,7 +164,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         for p in self._params():
             yield p, self._host[id(p)]
 
-    def sub_optimizers(self) -> list[torch.optim.Optimizer]:
+    def lit_optim_inner_optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.inner]
 
     def add_param_group(self, param_group: dict) -> None:
