@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_optim.bnb_manager import private_override_manager
 from lit_optim.compile_cache import prepare_for as prepare_compile_cache
 from lit_optim.errors import HyperparameterError
 from lit_optim.param_groups import GroupPlan, ParamInfo, build_param_groups
@@ -204,29 +205,8 @@ def _verify(optimizer: torch.optim.Optimizer, spec: OptimizerSpec) -> None:
             )
 
 
-def _private_override_manager(optimizer):
-    """Give a bitsandbytes optimizer its own override manager.
-
-    bitsandbytes keeps overrides in one process-wide manager, and resolves module overrides into entries keyed by
-    (group index, param index): once one optimizer has applied an override, the tensor at that position in every later
-    optimizer of the process gets it too (a Linear weight built later silently kept 32-bit state). Overrides the user
-    registered globally (``override_config``, ``StableEmbedding``) are carried over; position-keyed entries are not.
-    """
-    import bitsandbytes as bnb
-
-    cls = bnb.optim.GlobalOptimManager
-    shared = cls.get_instance()
-    own = cls.__new__(cls)
-    own.initialize()
-    own.pid2config = dict(shared.pid2config)
-    own.module_weight_config_triple = list(shared.module_weight_config_triple)
-    own.uses_config_override = shared.uses_config_override
-    optimizer.mng = own
-    return own
-
-
 def _keep_embeddings_32bit(optimizer, plan: GroupPlan) -> int:
-    manager = _private_override_manager(optimizer)
+    manager = private_override_manager(optimizer)
     count = 0
     if plan.model is not None:
         for module in plan.model.modules():
@@ -252,7 +232,6 @@ def _host_kernel(spec: OptimizerSpec, kwargs: dict, params: list[torch.Tensor]) 
 
 def _build_offloaded(spec: OptimizerSpec, plan: GroupPlan, ctor_kwargs: dict, group_opts: dict):
     """`spec`'s optimizer over host copies of the parameters, behind `OffloadOptimizer`."""
-    from lit_optim.optimizers.composite import _private_bnb_manager
     from lit_optim.optimizers.offload import OffloadOptimizer, offload_supports
 
     params = [p for g in plan.groups for p in g["params"]]
@@ -264,9 +243,10 @@ def _build_offloaded(spec: OptimizerSpec, plan: GroupPlan, ctor_kwargs: dict, gr
     def make_inner(host_groups: list[dict]) -> torch.optim.Optimizer:
         inner = spec.load_class()(host_groups, **kwargs)
         if spec.backend == "bitsandbytes":
-            # bnb resolves module overrides by the module's own parameter, not our host copy: key them by the copy.
-            hosts = [h for p, h in zip(params, (h for g in host_groups for h in g["params"])) if id(p) in emb]
-            _private_bnb_manager(inner, hosts)
+            # bnb resolves overrides by the module's own parameter, not our host copy: key them by the copy.
+            host_of = {id(p): h for p, h in zip(params, (h for g in host_groups for h in g["params"]))}
+            hosts = [host_of[id(p)] for p in params if id(p) in emb]
+            private_override_manager(inner, hosts, stand_ins=host_of)
             counted.append(sum(h.numel() for h in hosts))
         _verify(inner, spec)
         return inner

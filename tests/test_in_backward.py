@@ -4,6 +4,8 @@ grad_norm as in a normal run, and every combination it cannot honour refused bef
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -191,3 +193,22 @@ def test_manual_optimization_steps_in_backward_and_advances_global_step():
     trainer.fit(module, make_data())
     assert trainer.global_step == 3
     assert probe.grads_alive == [0] * 3 and probe.max_alive_in_backward <= 1
+
+
+@pytest.mark.parametrize("hp", [{}, {"in_backward": True}, {"offload": "cpu"}])
+def test_users_global_bnb_override_reaches_every_wrapper(hp, monkeypatch):
+    """bitsandbytes' own way to keep a tensor at 32-bit state (GlobalOptimManager.override_config) is honoured by
+    adamw_8bit plain, stepping in backward and offloaded alike: every bnb optimizer gets one kind of private manager,
+    carrying the user's overrides."""
+    import bitsandbytes as bnb
+
+    shared = bnb.optim.GlobalOptimManager.get_instance()
+    monkeypatch.setattr(shared, "pid2config", dict(shared.pid2config))
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Linear(128, 128))
+    shared.override_config(model[0].weight, "optim_bits", 32)
+    opt = lit_optim.build_optimizer(model, "adamw_8bit", lr=1e-3, **hp)
+    with opt.stepping() if hp.get("in_backward") else contextlib.nullcontext():
+        model(torch.randn(4, 128)).square().mean().backward()
+    opt.step()
+    assert opt.state[model[0].weight]["state1"].dtype == torch.float32  # the user's override
+    assert opt.state[model[1].weight]["state1"].dtype == torch.uint8  # the name's 8 bits elsewhere

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from lit_optim.bnb_manager import private_override_manager
 from lit_optim.errors import HyperparameterError
 from lit_optim.state_bytes import state_entries
 
@@ -58,22 +59,11 @@ def build_sub_optimizer(spec, groups: list[dict], kwargs: Mapping[str, Any], con
     else:
         opt = spec.load_class()(groups, **ctor)
     if spec.backend == "bitsandbytes":
-        _private_bnb_manager(opt, fp32_state_params)
+        private_override_manager(opt, fp32_state_params)
     from lit_optim.build import _verify  # the object must be what the inner name claims (class, bits, paging)
 
     _verify(opt, spec)
     return opt
-
-
-def _private_bnb_manager(opt, fp32_state_params: Iterable[torch.Tensor]) -> None:
-    import bitsandbytes as bnb
-
-    manager_cls = bnb.optim.GlobalOptimManager
-    mng = manager_cls.__new__(manager_cls)
-    mng.initialize()
-    for p in fp32_state_params:
-        mng.pid2config[id(p)] = {"optim_bits": 32}
-    opt.mng = mng
 
 
 def share_bnb_qmaps(subs: Iterable[torch.optim.Optimizer]) -> None:
