@@ -54,7 +54,10 @@ def expected_state_bytes(optimizer, p: torch.Tensor) -> float:
 
     info = optimizer.lit_optim
     hp = info.hyperparameters
-    sub = optimizer._subs[id(p)] if hasattr(optimizer, "_subs") else optimizer
+    from lit_optim.optimizers.in_backward import InBackwardOptimizer
+
+    # In backward, each parameter has its own sub-optimizer (a one-parameter GaLore for a layer-wise name).
+    sub = optimizer.optimizer_for(p)[0] if isinstance(optimizer, InBackwardOptimizer) else optimizer
     spec = info.spec
     if isinstance(sub, LowRankOptimizer) and not sub.is_target(p):
         spec, hp = sub.inner_spec, {**sub.inner_spec.defaults, **hp}

@@ -225,7 +225,7 @@ def test_weight_decay_is_kept_and_decoupled_on_the_full_weight():
         assert torch.allclose(p1 - p0, expected, atol=1e-6), n
     # The inner optimizer never decays the low-rank stand-ins.
     for p in opt.targets:
-        assert opt._target_opt[id(p)].param_groups[0]["weight_decay"] == 0.0
+        assert opt.settings_for(p)["weight_decay"] == 0.0
 
 
 def test_8bit_inner_precision_depends_on_the_projected_size():

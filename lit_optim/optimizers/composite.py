@@ -124,6 +124,18 @@ class CompositeOptimizer(torch.optim.Optimizer):
         each state tensor to the model parameter it serves (GaLore's inner optimizers step stand-in tensors)."""
         raise NotImplementedError
 
+    def optimizer_for(self, p: torch.Tensor) -> tuple[torch.optim.Optimizer, torch.Tensor]:
+        """The optimizer that steps model parameter `p`, and the tensor it steps (`p`, or a low-rank stand-in)."""
+        return self._route(p)
+
+    def settings_for(self, p: torch.Tensor) -> dict[str, Any]:
+        """The hyperparameters `p` is stepped with: its group's in the optimizer that steps it."""
+        sub, key = self._route(p)
+        for group in sub.param_groups:
+            if any(t is key for t in group["params"]):
+                return {k: v for k, v in group.items() if k != "params"}
+        raise KeyError(f"{type(self).__name__}: the tensor is not one of this optimizer's parameters")
+
     def lit_optim_state_tensors(self):
         """The nesting protocol's accounting half: ``(param, key, tensor)`` for the state of each model parameter."""
         yield from state_entries(self.state)
