@@ -20,7 +20,7 @@ from lit_optim.compile_cache import prepare_for as prepare_compile_cache
 from lit_optim.errors import HyperparameterError
 from lit_optim.param_groups import GroupPlan, ParamInfo, build_param_groups
 from lit_optim.registry import get_spec, requirement_problem
-from lit_optim.spec import OptimizerSpec
+from lit_optim.spec import OptimizerSpec, constructor_arguments
 
 log = logging.getLogger("lit_optim")
 
@@ -109,12 +109,8 @@ def accepted_arguments(spec: OptimizerSpec) -> dict[str, Any]:
     cls = spec.load_class()
     if hasattr(cls, "accepted_arguments_for"):
         return dict(cls.accepted_arguments_for(spec))
-    sig = inspect.signature(cls.__init__)
-    skip = {"self", "params", "args", "param_info"}
-    return {
-        n: p.default for n, p in sig.parameters.items()
-        if n not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
+    # bitsandbytes' `args` bundles the others; Muon's `param_info` comes from the model.
+    return constructor_arguments(cls, ("args", "param_info"))
 
 
 def _check_type(spec: OptimizerSpec, key: str, value: Any, default: Any) -> Any:

@@ -8,6 +8,7 @@ optimizer state costs in theory (`state_bytes`), where it runs and what it suppo
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -86,3 +87,15 @@ class OptimizerSpec:
         """State bytes per parameter of a large 4096 x 4096 weight (where low-bit quantization applies)."""
         shape = (4096, 4096)
         return self.state_bytes(shape, {**self.defaults, **(hyperparameters or {})}) / (4096 * 4096)
+
+
+def constructor_arguments(cls: type, plumbing: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The hyperparameters a class's constructor takes, with their defaults (``inspect.Parameter.empty`` if required).
+
+    The one scan every optimizer class goes through: ``self``, ``params`` and ``*args``/``**kwargs`` are never
+    hyperparameters, and `plumbing` names the arguments the builder supplies itself (targets, partitions,
+    factories), which a user does not set.
+    """
+    skip = {"self", "params", *plumbing}
+    return {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
+            if n not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}

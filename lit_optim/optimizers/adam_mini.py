@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lit_optim.errors import HyperparameterError
+from lit_optim.spec import constructor_arguments
 
 QUERY = {"q_proj", "q", "query", "wq", "q_lin", "to_q", "query_proj"}
 KEY = {"k_proj", "k", "key", "wk", "k_lin", "to_k", "key_proj"}
@@ -235,10 +236,7 @@ class AdamMini(torch.optim.Optimizer):
     @classmethod
     def accepted_arguments_for(cls, spec) -> dict:
         """Hyperparameters of the registry name: the constructor's, less `partitions` (computed from the model)."""
-        import inspect
-
-        sig = inspect.signature(cls.__init__)
-        return {n: q.default for n, q in sig.parameters.items() if n not in ("self", "params", "partitions")}
+        return constructor_arguments(cls, ("partitions",))
 
     @classmethod
     def build(cls, groups, spec, kwargs: dict, context) -> AdamMini:

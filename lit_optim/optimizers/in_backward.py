@@ -43,7 +43,7 @@ from lit_optim.optimizers.composite import (
     set_group_value,
     share_bnb_qmaps,
 )
-from lit_optim.spec import CPU, GRAD_ACCUM
+from lit_optim.spec import CPU, GRAD_ACCUM, constructor_arguments
 
 IN_BACKWARD_SUPPORTS = frozenset({CPU, GRAD_ACCUM})
 _GROUP_SYNC = ("lr", "weight_decay")
@@ -90,12 +90,7 @@ class InBackwardOptimizer(CompositeOptimizer):
         """``<name>_layerwise``: the base name's hyperparameters plus clip_per_param_norm; subclasses: their own."""
         if "base" in spec.fixed:
             return _layerwise_arguments(spec)
-        import inspect
-
-        sig = inspect.signature(cls.__init__)
-        return {n: q.default for n, q in sig.parameters.items()
-                if n not in ("self", "params", "make_sub", "defaults")
-                and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)}
+        return constructor_arguments(cls, ("make_sub", "defaults"))
 
     # --- composite plumbing ---------------------------------------------------------------------------------------
     def _route(self, p):

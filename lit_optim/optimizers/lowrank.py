@@ -18,7 +18,6 @@ The inner optimizer's state for a shadow *is* ``state[W]`` (see `composite.py`),
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +32,7 @@ from lit_optim.optimizers.composite import (
     share_bnb_qmaps,
 )
 from lit_optim.optimizers.projection import check_proj_type, project, projected_shape, projection_side
+from lit_optim.spec import constructor_arguments
 
 # Inner optimizers whose update depends on the parameter's value cannot step a zero-valued stand-in.
 _NOT_PROJECTABLE = {
@@ -214,10 +214,7 @@ class LowRankOptimizer(CompositeOptimizer):
     # --- registry integration -------------------------------------------------------------------------------------
     @classmethod
     def _own_arguments(cls) -> dict[str, Any]:
-        sig = inspect.signature(cls.__init__)
-        return {n: q.default for n, q in sig.parameters.items()
-                if n not in ("self", "params", "targets", "context", "fp32_state_params")
-                and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)}
+        return constructor_arguments(cls, ("targets", "context", "fp32_state_params"))
 
     @classmethod
     def accepted_arguments_for(cls, spec) -> dict[str, Any]:
