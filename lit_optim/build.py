@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lit_optim.bnb_manager import private_override_manager
+from lit_optim.bnb_adapter import private_override_manager
 from lit_optim.compile_cache import prepare_for as prepare_compile_cache
 from lit_optim.errors import HyperparameterError
 from lit_optim.param_groups import GroupPlan, ParamInfo, build_param_groups

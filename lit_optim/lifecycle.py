@@ -22,8 +22,8 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from lit_optim.bnb_adapter import repage
 from lit_optim.checkpoint import install_checkpoint_io
-from lit_optim.optimizers.composite import _leaves
 
 
 def _built(trainer):
@@ -43,40 +43,6 @@ def _set_mode(trainer, train: bool) -> None:
     for opt, info in _built(trainer):
         if info.spec.train_eval_switch:
             opt.train() if train else opt.eval()
-
-
-# bitsandbytes' Optimizer8bit.get_state_buffer pages state only for parameters of at least this many elements.
-BNB_PAGED_MIN_NUMEL = 100_000
-
-
-def repage(optimizer) -> int:
-    """Move bitsandbytes state tensors that lost paging (after `load_state_dict`) back into paged buffers.
-
-    Wrappers (in-backward, GaLore) are searched for their paged sub-optimizers."""
-    moved = 0
-    for leaf in _leaves([optimizer]):
-        if getattr(leaf, "is_paged", False):
-            moved += _repage_one(leaf)
-    return moved
-
-
-def _repage_one(optimizer) -> int:
-    moved = 0
-    for p, state in optimizer.state.items():
-        # bitsandbytes pages all of a parameter's state or none of it, by the *parameter's* size; judging each state
-        # tensor by its own size would page AdEMAMix's double-width state1 without its state2, and its prefetch then
-        # fails on the unpaged state2.
-        if p.numel() < BNB_PAGED_MIN_NUMEL:
-            continue
-        for key in ("state1", "state2"):
-            t = state.get(key)
-            if isinstance(t, torch.Tensor) and t.is_cuda and not getattr(t, "is_paged", False):
-                fresh = optimizer.get_state_buffer(t, dtype=t.dtype)
-                if getattr(fresh, "is_paged", False):
-                    fresh.copy_(t)
-                    state[key] = fresh
-                    moved += 1
-    return moved
 
 
 class OptimizerLifecycle(Callback):

@@ -220,7 +220,7 @@ def test_lowrank_projectors_and_in_backward_state_are_counted(tmp_path, name):
 def test_own_wrappers_implement_the_nesting_protocol(name, hp):
     """lit_optim's own wrappers speak the protocol the README offers users: inner optimizers for walking, state
     tensors attributed to the model's parameters for accounting -- and the accounting equals the storages."""
-    from lit_optim.optimizers.composite import _leaves
+    from lit_optim.nesting import leaves as _leaves
 
     model = nn.Sequential(nn.Linear(64, 256), nn.Linear(256, 64))
     opt = build_optimizer(model, name, lr=1e-3, **hp)

@@ -127,11 +127,18 @@ def test_reader_joins_fragments_across_blocks_and_checks_crcs(tmp_path):
         run.log({"loss": 1.0 / (i + 1), "note": f"row {i}"})
     run.finish()
     path = next(tmp_path.rglob("run-*.wandb"))
+    # W&B's writer is a separate service process; when earlier tests of this process have used it, the tail of the
+    # log can land shortly after finish() returns (seen in the full suite): read once the file has stopped growing.
+    import time
+
+    deadline, size = time.monotonic() + 20, -1
+    while time.monotonic() < deadline and path.stat().st_size != size:
+        size = path.stat().st_size
+        time.sleep(0.5)
     assert path.stat().st_size > 4 * BLOCK_SIZE
     read = OfflineRun.read(path)
     assert read.config["big"] == big and read.config["n"] == 1
-    # W&B's JSON encoder may shorten floats depending on what else the process imported (seen in the full suite).
-    assert read.history_values("loss") == pytest.approx([1.0 / (i + 1) for i in range(300)], rel=1e-6)
+    assert read.history_values("loss") == [1.0 / (i + 1) for i in range(300)]
     assert read.history_values("_step") == list(range(300))
 
     data = bytearray(path.read_bytes())

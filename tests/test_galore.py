@@ -271,7 +271,7 @@ def test_bnb_sub_optimizers_share_one_quantization_map_dict(name, hp):
     # bitsandbytes moves its maps to the parameter's device on the first step by replacing the entries of its
     # `name2qmap` dict; sub-optimizers holding the same dict object make one device copy, not one each (found on an
     # H200: 2 KiB more per GaLore target than one optimizer keeps).
-    from lit_optim.optimizers.composite import _leaves
+    from lit_optim.nesting import leaves as _leaves
 
     opt = lit_optim.build_optimizer(tiny(), name, lr=1e-3, **hp)
     leaves = [o for o in _leaves(opt.lit_optim_inner_optimizers()) if getattr(o, "name2qmap", None)]
@@ -283,7 +283,7 @@ def test_bnb_sub_optimizers_share_one_quantization_map_dict(name, hp):
 
 def test_loaded_bnb_state_shares_the_quantization_maps_again():
     # A checkpoint holds the maps once per parameter; after loading, every state points at the shared tables again.
-    from lit_optim.optimizers.composite import _leaves
+    from lit_optim.nesting import leaves as _leaves
 
     model = tiny()
     opt = lit_optim.build_optimizer(model, "galore_adamw_8bit", rank=16)

@@ -78,7 +78,7 @@ class PagedAtTrainEnd(Callback):
         self.checked: list[int] = []
 
     def on_train_end(self, trainer, pl_module) -> None:
-        from lit_optim.optimizers.composite import _leaves
+        from lit_optim.nesting import leaves as _leaves
 
         leaves = [o for o in _leaves(trainer.optimizers) if getattr(o, "is_paged", False)]
         large = [t for o in leaves for p, s in o.state.items() if p.numel() >= 1e5

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lit_optim.bnb_manager import private_override_manager
+from lit_optim.bnb_adapter import private_override_manager
 from lit_optim.errors import HyperparameterError
 from lit_optim.state_bytes import state_entries
 
@@ -64,49 +64,6 @@ def build_sub_optimizer(spec, groups: list[dict], kwargs: Mapping[str, Any], con
 
     _verify(opt, spec)
     return opt
-
-
-def share_bnb_qmaps(subs: Iterable[torch.optim.Optimizer]) -> None:
-    """Let bitsandbytes sub-optimizers share one set of quantization maps (read-only tables), as one optimizer does.
-
-    The sub-optimizers get one ``name2qmap`` dict object, not just equal entries: bitsandbytes moves its maps to the
-    parameter's device on the first step by replacing the dict's entries, so one shared dict makes one device copy
-    where equal dicts would make one per sub-optimizer. State loaded from a checkpoint holds a copy of the maps per
-    parameter, already on the parameter's device: those are replaced by the shared tables, and a shared table still on
-    another device is replaced by the loaded copy (bitsandbytes' own move to that device then finds it there).
-    """
-    leaves = [opt for opt in _leaves(subs) if getattr(opt, "name2qmap", None)]
-    if not leaves:
-        return
-    shared = leaves[0].name2qmap
-    for opt in leaves:
-        maps = opt.name2qmap
-        if maps is not shared and maps.keys() == shared.keys() and all(_same(maps[k], shared[k]) for k in maps):
-            opt.name2qmap = maps = shared
-        for state in opt.state.values():
-            for key, value in list(state.items()):
-                if not (isinstance(value, torch.Tensor) and key.startswith("qmap")):
-                    continue
-                for name, table in maps.items():
-                    if value is table:
-                        break
-                    if _same(value, table):
-                        if table.device != value.device:
-                            maps[name] = value
-                        state[key] = maps[name]
-                        break
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.to(a.device))
-
-
-def _leaves(optimizers: Iterable[torch.optim.Optimizer]):
-    for opt in optimizers:
-        if hasattr(opt, "lit_optim_inner_optimizers"):
-            yield from _leaves(opt.lit_optim_inner_optimizers())
-        else:
-            yield opt
 
 
 class CompositeOptimizer(torch.optim.Optimizer):

@@ -35,13 +35,13 @@ from typing import Any
 
 import torch
 
+from lit_optim.bnb_adapter import share_qmaps
 from lit_optim.errors import HyperparameterError, IncompatibleConfigError
 from lit_optim.optimizers.composite import (
     CompositeOptimizer,
     as_groups,
     build_sub_optimizer,
     set_group_value,
-    share_bnb_qmaps,
 )
 from lit_optim.spec import CPU, GRAD_ACCUM, constructor_arguments
 
@@ -77,7 +77,7 @@ class InBackwardOptimizer(CompositeOptimizer):
             for p in g["params"]:
                 self._group_of[id(p)] = gi
                 self._subs[id(p)] = make_sub({**hp, "params": [p]})
-        share_bnb_qmaps(self.lit_optim_inner_optimizers())
+        share_qmaps(self.lit_optim_inner_optimizers())
         self._in_window = False
         self._sq_norm: torch.Tensor | None = None
         self.last_grad_norm: torch.Tensor | None = None
@@ -100,7 +100,7 @@ class InBackwardOptimizer(CompositeOptimizer):
         return list(self._subs.values())
 
     def _after_load(self) -> None:
-        share_bnb_qmaps(self.lit_optim_inner_optimizers())
+        share_qmaps(self.lit_optim_inner_optimizers())
 
     def remove_hooks(self) -> None:
         for h in self._handles:

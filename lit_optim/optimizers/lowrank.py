@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
+from lit_optim.bnb_adapter import share_qmaps
 from lit_optim.errors import HyperparameterError
 from lit_optim.optimizers.composite import (
     CompositeOptimizer,
     as_groups,
     build_sub_optimizer,
     set_group_value,
-    share_bnb_qmaps,
 )
 from lit_optim.optimizers.projection import check_proj_type, project, projected_shape, projection_side
 from lit_optim.spec import constructor_arguments
@@ -109,7 +109,7 @@ class LowRankOptimizer(CompositeOptimizer):
             self.inner_spec, plain_groups, kwargs, context,
             fp32_state_params=[p for g in plain_groups for p in g["params"] if id(p) in fp32_ids],
         ) if plain_groups else None
-        share_bnb_qmaps(self.lit_optim_inner_optimizers())
+        share_qmaps(self.lit_optim_inner_optimizers())
 
     # --- subclass interface -------------------------------------------------------------------------------------
     def _inner_lr(self, group: dict) -> float:
@@ -165,7 +165,7 @@ class LowRankOptimizer(CompositeOptimizer):
 
     def _after_load(self) -> None:
         self._pending.clear()
-        share_bnb_qmaps(self.lit_optim_inner_optimizers())
+        share_qmaps(self.lit_optim_inner_optimizers())
 
     # --- stepping -------------------------------------------------------------------------------------------------
     @torch.no_grad()
