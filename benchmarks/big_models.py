@@ -103,19 +103,6 @@ def read_metrics(path: Path) -> dict[str, list[float]]:
     return out
 
 
-_FIT_OVER: dict[str, float] = {}
-
-
-def _fit_over_for(log_path: str, grace_s: float) -> bool:
-    """True `grace_s` after the run's log says fit stopped (on_train_end's metrics are written by then)."""
-    if log_path not in _FIT_OVER:
-        with open(log_path, errors="replace") as f:
-            if "`Trainer.fit` stopped" not in f.read():
-                return False
-        _FIT_OVER[log_path] = time.time()
-    return time.time() - _FIT_OVER[log_path] > grace_s
-
-
 def run_row(label: str, overrides: list[str], workdir: Path, env: dict[str, str], timeout: float) -> dict:
     rundir = workdir / label.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "-").replace("+", "_")
     cmd = [sys.executable, "-m", "lit_optim.train", *overrides, f"hydra.run.dir={rundir}", "logger=csv",
@@ -131,17 +118,13 @@ def run_row(label: str, overrides: list[str], workdir: Path, env: dict[str, str]
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
                 if pid:
                     break
-                if time.time() > deadline or _fit_over_for(log.name, 3.0):
-                    # After fit, Lightning's teardown copies the whole model to the host (46 s for 30B): the
-                    # metrics are already flushed, so the row does not wait for it.
+                if time.time() > deadline:
                     proc.kill()
                     pid, status, usage = os.wait4(proc.pid, 0)
                     break
                 time.sleep(0.2)
         finally:
             proc.returncode = os.waitstatus_to_exitcode(status) if pid else -9
-            if log.name in _FIT_OVER:
-                proc.returncode = 0  # stopped by us after a finished fit
     wall = time.time() - start
     text = (workdir / f"{rundir.name}.log").read_text(errors="replace")
     error = next((line for line in reversed(text.splitlines()) if line.startswith("lit-optim:")), None)
@@ -166,8 +149,8 @@ def run_row(label: str, overrides: list[str], workdir: Path, env: dict[str, str]
         "tokens_per_s": last("throughput/tokens_per_sec"),
         "peak_gib": top("memory/peak_allocated_bytes", GIB), "reserved_gib": reserved,
         "managed_gib": top("memory/managed_bytes", GIB),
-        # While training (the monitor's reading): Lightning's teardown moves the model to the host after fit, so the
-        # process's lifetime peak (ru_maxrss) includes a full host copy of the weights that training never needed.
+        # While training (the monitor's reading). The process's lifetime peak (ru_maxrss) is kept beside it: it would
+        # show a host copy of the weights made after fit, which `lit-optim train` now avoids.
         "host_rss_gib": top("memory/host_peak_rss_bytes", GIB), "host_rss_lifetime_gib": usage.ru_maxrss * 1024 / GIB,
         "state_b_per_param": last("optim_state/bytes_per_param"),
         "fits": {g: reserved <= g for g in (24, 40, 80)} if reserved is not None else None,

@@ -6,6 +6,7 @@ before any optimizer is constructed, so errors arrive before step 1 and name the
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from collections.abc import Iterable, Mapping
@@ -249,10 +250,8 @@ def _build_offloaded(spec: OptimizerSpec, plan: GroupPlan, ctor_kwargs: dict, gr
 
     optimizer = OffloadOptimizer(plan.groups, make_inner, offload_gradients=group_opts["offload_gradients"],
                                  name=spec.name)
-    optimizer.embedding_32bit_params = sum(counted)
-    import dataclasses
-
-    return optimizer, dataclasses.replace(spec, supports=offload_supports(spec, group_opts["offload_gradients"]))
+    built = dataclasses.replace(spec, supports=offload_supports(spec, group_opts["offload_gradients"]))
+    return optimizer, built, sum(counted)
 
 
 def build_optimizer(
@@ -286,7 +285,7 @@ def build_optimizer(
     ctor_kwargs = {**kwargs, **spec.fixed}
     built_spec = spec
     if group_opts.get("offload"):
-        optimizer, built_spec = _build_offloaded(spec, plan, ctor_kwargs, group_opts)
+        optimizer, built_spec, embedding_32bit = _build_offloaded(spec, plan, ctor_kwargs, group_opts)
     elif group_opts.get("in_backward"):
         from lit_optim.optimizers.in_backward import build_in_backward, in_backward_spec
 
@@ -306,7 +305,7 @@ def build_optimizer(
     if group_opts.get("offload"):
         info.extra["offload"] = group_opts["offload"]
         info.extra["offload_gradients"] = group_opts["offload_gradients"]
-        info.embedding_32bit_params = optimizer.embedding_32bit_params
+        info.embedding_32bit_params = embedding_32bit
     elif built_spec is not spec:
         info.extra["in_backward"] = True
     elif group_opts.get("embedding_state_32bit"):

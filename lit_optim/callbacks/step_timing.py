@@ -227,11 +227,11 @@ class StepTimingMonitor(IntervalCallback):
         if any(u[2] is not None for u in current.updates):
             self._steps_seen += 1
             if self._steps_seen == 1:
-                launched = process_age_s()
-                if launched is not None:
-                    if self._clock.cuda:
-                        torch.cuda.synchronize()
-                    self.publish(trainer, {"timing/launch_to_first_step_s": process_age_s()}, step=self._last_step)
+                if self._clock.cuda:
+                    torch.cuda.synchronize()  # once per fit: the step must have ended, not just been queued
+                age = process_age_s()
+                if age is not None:
+                    self.publish(trainer, {"timing/launch_to_first_step_s": age}, step=self._last_step)
         if in_warmup:
             self._warmup.append(current)
             if self._steps_seen >= self.warmup_steps:
