@@ -227,6 +227,8 @@ def main(argv=None) -> list[dict]:
             row = run_row(label, overrides, workdir, env, args.timeout)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if args.out:  # after every row: a call killed at its time limit still keeps the rows that finished
+                Path(args.out).write_text(json.dumps({"rows": rows}, indent=1))
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -22,17 +22,32 @@ import torch
 from lit_optim.nesting import leaves
 
 
+def is_bnb(optimizer) -> bool:
+    return type(optimizer).__module__.startswith("bitsandbytes")
+
+
+def isolate(optimizer, fp32_state_params: Iterable[torch.Tensor] = ()):
+    """`private_override_manager` for a bitsandbytes optimizer, nothing for any other: what every wrapper calls on
+    the optimizers it builds, whether from a registry name or from a class the user passed."""
+    return private_override_manager(optimizer, fp32_state_params) if is_bnb(optimizer) else None
+
+
 def private_override_manager(optimizer, fp32_state_params: Iterable[torch.Tensor] = (),
                              stand_ins: Mapping[int, torch.Tensor] | None = None):
-    import bitsandbytes as bnb
+    """Give `optimizer` its own override manager (once: later calls add to it) -- see the module docstring."""
+    own = getattr(optimizer, "mng", None)
+    if not getattr(own, "lit_optim_private", False):
+        import bitsandbytes as bnb
 
-    cls = bnb.optim.GlobalOptimManager
-    shared = cls.get_instance()
-    own = cls.__new__(cls)
-    own.initialize()
-    own.pid2config = {pid: dict(config) for pid, config in shared.pid2config.items()}
-    own.module_weight_config_triple = list(shared.module_weight_config_triple)
-    own.uses_config_override = shared.uses_config_override
+        cls = bnb.optim.GlobalOptimManager
+        shared = cls.get_instance()
+        own = cls.__new__(cls)
+        own.initialize()
+        own.lit_optim_private = True
+        own.pid2config = {pid: dict(config) for pid, config in shared.pid2config.items()}
+        own.module_weight_config_triple = list(shared.module_weight_config_triple)
+        own.uses_config_override = shared.uses_config_override
+        optimizer.mng = own
     if stand_ins:
         # bitsandbytes matches overrides by tensor identity: key the user's by the tensors actually stepped.
         by_param = dict(own.pid2config)
@@ -43,7 +58,6 @@ def private_override_manager(optimizer, fp32_state_params: Iterable[torch.Tensor
                 own.pid2config[id(stand_ins[pid])] = dict(config)
     for p in fp32_state_params:
         own.pid2config[id(p)] = {**own.pid2config.get(id(p), {}), "optim_bits": 32}
-    optimizer.mng = own
     return own
 
 

@@ -6,7 +6,6 @@ before any optimizer is constructed, so errors arrive before step 1 and name the
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 from collections.abc import Iterable, Mapping
@@ -16,12 +15,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from lit_optim.bnb_adapter import private_override_manager
+from lit_optim.bnb_adapter import is_bnb
+from lit_optim.builders.construct import (
+    BuildContext,
+    accepted_arguments,
+    check_available,
+    construct,
+    embedding_params,
+)
+from lit_optim.builders.in_backward import build_in_backward, check_in_backward_options, in_backward_spec
+from lit_optim.builders.offload import build_offloaded, check_offload_options
 from lit_optim.compile_cache import prepare_for as prepare_compile_cache
 from lit_optim.errors import HyperparameterError
-from lit_optim.param_groups import GroupPlan, ParamInfo, build_param_groups
-from lit_optim.registry import get_spec, requirement_problem
-from lit_optim.spec import OptimizerSpec, constructor_arguments
+from lit_optim.nesting import leaves
+from lit_optim.param_groups import GroupPlan, build_param_groups
+from lit_optim.registry import get_spec
+from lit_optim.spec import OptimizerSpec
 
 log = logging.getLogger("lit_optim")
 
@@ -62,21 +71,6 @@ class BuildInfo:
         }
 
 
-@dataclass
-class BuildContext:
-    """Passed to spec builders that need more than `target(groups, **kwargs)`."""
-
-    plan: GroupPlan
-
-    @property
-    def param_info(self) -> dict[int, ParamInfo]:
-        return self.plan.param_info
-
-    @property
-    def model(self) -> nn.Module | None:
-        return self.plan.model
-
-
 def _plain(value: Any) -> Any:
     """OmegaConf containers to Python ones, lists to tuples: optimizer state must load with weights_only=True."""
     try:
@@ -91,27 +85,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
-
-
-def check_available(spec: OptimizerSpec) -> None:
-    """Backend installed and device adequate, or a clear error saying what to do."""
-    problem = requirement_problem(spec)
-    if problem is not None:
-        error, _, message = problem
-        raise error(message)
-
-
-def accepted_arguments(spec: OptimizerSpec) -> dict[str, Any]:
-    """Constructor arguments of the spec's class with their defaults (``inspect.Parameter.empty`` if required).
-
-    A class may define ``accepted_arguments_for(spec)`` when they depend on the name (composites such as GaLore take
-    their inner optimizer's arguments too).
-    """
-    cls = spec.load_class()
-    if hasattr(cls, "accepted_arguments_for"):
-        return dict(cls.accepted_arguments_for(spec))
-    # bitsandbytes' `args` bundles the others; Muon's `param_info` comes from the model.
-    return constructor_arguments(cls, ("args", "param_info"))
 
 
 def _check_type(spec: OptimizerSpec, key: str, value: Any, default: Any) -> Any:
@@ -145,15 +118,15 @@ def resolve_hyperparameters(spec: OptimizerSpec, hyperparameters: Mapping[str, A
     accepted = accepted_arguments(spec)
     group_opts = {k: hp.pop(k) for k in GROUP_KEYS if k in hp}
     if "in_backward" in group_opts:
-        from lit_optim.optimizers.in_backward import check_in_backward_options
-
         check_in_backward_options(spec, group_opts, hp)
     if "offload" in group_opts or "offload_gradients" in group_opts:
-        from lit_optim.optimizers.offload import check_offload_options
-
         check_offload_options(spec, group_opts)
     if spec.embedding_state_32bit:
-        group_opts["embedding_state_32bit"] = hp.pop("embedding_state_32bit", True)
+        keep = hp.pop("embedding_state_32bit", True)
+        if not isinstance(keep, bool):
+            raise HyperparameterError(f"Optimizer {spec.name!r}: embedding_state_32bit must be true or false; got "
+                                      f"{keep!r}.")
+        group_opts["embedding_state_32bit"] = keep
     implied = dict(spec.fixed)
     if spec.backend == "bitsandbytes":  # the name fixes bits and paging even where the class takes them
         implied.update(optim_bits=spec.bits, is_paged=spec.paged)
@@ -188,70 +161,11 @@ def resolve_hyperparameters(spec: OptimizerSpec, hyperparameters: Mapping[str, A
     return kwargs, group_opts
 
 
-def _verify(optimizer: torch.optim.Optimizer, spec: OptimizerSpec) -> None:
-    """The object must be what the name claims (class, bits, paging) -- the check timm's factory lacks."""
-    cls = spec.load_class()
-    if not isinstance(optimizer, cls):
-        raise AssertionError(f"{spec.name!r} built {type(optimizer).__name__}, expected {cls.__name__}")
-    if spec.backend == "bitsandbytes":
-        bits = optimizer.args.optim_bits
-        if bits != spec.bits or bool(optimizer.is_paged) != spec.paged:
-            raise AssertionError(
-                f"{spec.name!r} built bitsandbytes {type(optimizer).__name__} with optim_bits={bits}, "
-                f"is_paged={optimizer.is_paged}; expected bits={spec.bits}, paged={spec.paged}"
-            )
-
-
-def _keep_embeddings_32bit(optimizer, plan: GroupPlan) -> int:
-    manager = private_override_manager(optimizer)
-    count = 0
-    if plan.model is not None:
-        for module in plan.model.modules():
-            if isinstance(module, nn.Embedding) and module.weight.requires_grad:
-                manager.register_module_override(module, "weight", {"optim_bits": 32})
-                count += module.weight.numel()
-    return count
-
-
-def _host_kernel(spec: OptimizerSpec, kwargs: dict, params: list[torch.Tensor]) -> dict:
-    """torch Adam/AdamW steps offloaded state with its fused CPU kernel unless the user chose one.
-
-    Only for parameters that really live on an accelerator: a model already on the CPU keeps the name's own kernel
-    (foreach and fused round differently in the last bit, and offload must not change its numbers).
-    """
-    if spec.target not in ("torch.optim:AdamW", "torch.optim:Adam") or {"fused", "foreach"} & set(kwargs):
-        return kwargs
-    fused_dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    if any(p.device.type != "cpu" for p in params) and all(p.dtype in fused_dtypes for p in params):
-        return {**kwargs, "fused": True}
-    return kwargs
-
-
-def _build_offloaded(spec: OptimizerSpec, plan: GroupPlan, ctor_kwargs: dict, group_opts: dict):
-    """`spec`'s optimizer over host copies of the parameters, behind `OffloadOptimizer`."""
-    from lit_optim.optimizers.offload import OffloadOptimizer, offload_supports
-
-    params = [p for g in plan.groups for p in g["params"]]
-    kwargs = _host_kernel(spec, ctor_kwargs, params)
-    embedding_32bit = bool(group_opts.pop("embedding_state_32bit", False))
-    emb = {id(i.param) for i in plan.param_info.values() if i.is_embedding} if embedding_32bit else set()
-    counted = []
-
-    def make_inner(host_groups: list[dict]) -> torch.optim.Optimizer:
-        inner = spec.load_class()(host_groups, **kwargs)
-        if spec.backend == "bitsandbytes":
-            # bnb resolves overrides by the module's own parameter, not our host copy: key them by the copy.
-            host_of = {id(p): h for p, h in zip(params, (h for g in host_groups for h in g["params"]))}
-            hosts = [host_of[id(p)] for p in params if id(p) in emb]
-            private_override_manager(inner, hosts, stand_ins=host_of)
-            counted.append(sum(h.numel() for h in hosts))
-        _verify(inner, spec)
-        return inner
-
-    optimizer = OffloadOptimizer(plan.groups, make_inner, offload_gradients=group_opts["offload_gradients"],
-                                 name=spec.name)
-    built = dataclasses.replace(spec, supports=offload_supports(spec, group_opts["offload_gradients"]))
-    return optimizer, built, sum(counted)
+def _kept_32bit(optimizer: torch.optim.Optimizer, fp32: tuple[torch.Tensor, ...]) -> int:
+    """Elements whose state was kept at 32 bits by request: only 8-bit bitsandbytes optimizers quantize them."""
+    if any(is_bnb(leaf) and leaf.args.optim_bits == 8 for leaf in leaves([optimizer])):
+        return sum(p.numel() for p in fp32)
+    return 0
 
 
 def build_optimizer(
@@ -282,34 +196,27 @@ def build_optimizer(
     )
     if "weight_decay" in accepted:
         kwargs["weight_decay"] = wd or 0.0
+    # The one decision on 32-bit state: every path below (plain, composite, offload, in backward) reads it here.
+    fp32 = embedding_params(plan) if group_opts.get("embedding_state_32bit") else ()
+    context = BuildContext(plan, lookup=get_spec, fp32_state_params=fp32)
     ctor_kwargs = {**kwargs, **spec.fixed}
     built_spec = spec
     if group_opts.get("offload"):
-        optimizer, built_spec, embedding_32bit = _build_offloaded(spec, plan, ctor_kwargs, group_opts)
+        optimizer, built_spec = build_offloaded(spec, plan.groups, ctor_kwargs, context,
+                                                offload_gradients=group_opts["offload_gradients"])
     elif group_opts.get("in_backward"):
-        from lit_optim.optimizers.in_backward import build_in_backward, in_backward_spec
-
-        optimizer = build_in_backward(
-            plan.groups, spec, ctor_kwargs, BuildContext(plan),
-            clip_per_param_norm=group_opts.get("clip_per_param_norm"),
-            embedding_state_32bit=bool(group_opts.pop("embedding_state_32bit", False)),
-        )
+        optimizer = build_in_backward(plan.groups, spec, ctor_kwargs, context,
+                                      clip_per_param_norm=group_opts.get("clip_per_param_norm"))
         built_spec = in_backward_spec(spec)
-    elif spec.builder is not None:
-        optimizer = spec.builder(plan.groups, spec, ctor_kwargs, BuildContext(plan))
     else:
-        optimizer = spec.load_class()(plan.groups, **ctor_kwargs)
-    if built_spec is spec:
-        _verify(optimizer, spec)
-    info = BuildInfo(spec.name, built_spec, {**kwargs, "weight_decay": wd}, plan)
+        optimizer = construct(spec, plan.groups, ctor_kwargs, context)  # checked against the name's claims
+    info = BuildInfo(spec.name, built_spec, {**kwargs, "weight_decay": wd}, plan,
+                     embedding_32bit_params=_kept_32bit(optimizer, fp32))
     if group_opts.get("offload"):
         info.extra["offload"] = group_opts["offload"]
         info.extra["offload_gradients"] = group_opts["offload_gradients"]
-        info.embedding_32bit_params = embedding_32bit
     elif built_spec is not spec:
         info.extra["in_backward"] = True
-    elif group_opts.get("embedding_state_32bit"):
-        info.embedding_32bit_params = _keep_embeddings_32bit(optimizer, plan)
     optimizer.lit_optim = info
     log.info("lit_optim built %s (%s): %s", spec.name, spec.target.replace(":", "."), plan.summary())
     return optimizer

@@ -9,6 +9,7 @@ import inspect
 from typing import Any
 
 from lit_optim.build import GROUP_KEYS, accepted_arguments
+from lit_optim.builders.offload import offload_problem
 from lit_optim.hf_names import HF_TRAINER_NAMES
 from lit_optim.registry import availability, get_spec
 from lit_optim.spec import CPU, OptimizerSpec
@@ -64,8 +65,6 @@ def _short(value: Any) -> str:
 
 
 def _offload_line(spec: OptimizerSpec) -> str:
-    from lit_optim.optimizers.offload import offload_problem
-
     problem = offload_problem(spec)
     if problem:
         return "no: " + problem

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from lit_optim.build import accepted_arguments
-from lit_optim.optimizers.offload import offload_problem
+from lit_optim.builders.offload import offload_problem
 from lit_optim.registry import all_specs
 from lit_optim.spec import OptimizerSpec
 

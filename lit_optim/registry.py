@@ -1,24 +1,20 @@
 """The optimizer registry: every name lit_optim can build, with lookup, listing and description.
 
-Specs live in `lit_optim/specs/` (one module per backend); importing that package registers them. To add an
-optimizer, add an `OptimizerSpec` there and a YAML in `conf/optim/` (a test checks the two match one to one).
+Specs are declared in `lit_optim/specs/` (one module per backend, each a `SPECS` list) and registered here when
+this module is imported. To add an optimizer, add an `OptimizerSpec` there and a YAML in `conf/optim/` (a test
+checks the two match one to one); `register` adds one at run time.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
 from dataclasses import dataclass
 
-from lit_optim.errors import (
-    BackendNotInstalledError,
-    DeviceRequirementError,
-    LitOptimError,
-    UnknownOptimizerError,
-    UnsupportedOptimizerError,
-)
+from lit_optim.builders.construct import requirement_problem
+from lit_optim.errors import UnknownOptimizerError, UnsupportedOptimizerError
 from lit_optim.hf_names import OUT_OF_SCOPE
-from lit_optim.spec import CPU, OptimizerSpec
+from lit_optim.spec import OptimizerSpec
+from lit_optim.specs.all import SPECS as DECLARED
 
 _SPECS: dict[str, OptimizerSpec] = {}
 _ALIASES: dict[str, str] = {}
@@ -27,6 +23,7 @@ _UNSUPPORTED: dict[str, str] = dict(OUT_OF_SCOPE)
 
 
 def register(spec: OptimizerSpec) -> OptimizerSpec:
+    """Add a name at run time (the declared ones are in `lit_optim/specs/`)."""
     for name in spec.names:
         if name in _SPECS or name in _ALIASES:
             raise ValueError(f"optimizer name {name!r} is registered twice")
@@ -36,14 +33,12 @@ def register(spec: OptimizerSpec) -> OptimizerSpec:
     return spec
 
 
-def _ensure_loaded() -> None:
-    if not _SPECS:
-        import lit_optim.specs.all  # noqa: F401  (registers every spec)
+for _spec in DECLARED:
+    register(_spec)
 
 
 def get_spec(name: str) -> OptimizerSpec:
     """The spec for a name or alias; unknown names fail with the closest valid ones."""
-    _ensure_loaded()
     key = str(name).strip().lower()
     key = _ALIASES.get(key, key)
     if key in _SPECS:
@@ -54,19 +49,16 @@ def get_spec(name: str) -> OptimizerSpec:
 
 
 def all_specs() -> list[OptimizerSpec]:
-    _ensure_loaded()
     return list(_SPECS.values())
 
 
 def list_optimizers(pattern: str | None = None) -> list[str]:
     """Registered names (not aliases), sorted; `pattern` is a shell-style filter such as ``"*8bit*"``."""
-    _ensure_loaded()
     names = sorted(_SPECS)
     return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
 
 
 def aliases() -> dict[str, str]:
-    _ensure_loaded()
     return dict(_ALIASES)
 
 
@@ -74,32 +66,6 @@ def aliases() -> dict[str, str]:
 class Availability:
     ok: bool
     reason: str = ""
-
-
-def requirement_problem(spec: OptimizerSpec) -> tuple[type[LitOptimError], str, str] | None:
-    """What keeps `spec` from running here, as (error type, short reason, full message with the fix), or None.
-
-    The one place these checks live: `availability` shows the short reason, `build.check_available` raises.
-    """
-    if importlib.util.find_spec(spec.backend_module) is None:
-        return (BackendNotInstalledError, f"{spec.backend} not installed: {spec.install_hint}",
-                f"Optimizer {spec.name!r} needs the {spec.backend!r} package, which is not installed. Install it "
-                f"with: {spec.install_hint}")
-    if spec.requires_cuda or CPU not in spec.supports:
-        import torch
-
-        if not torch.cuda.is_available():
-            return (DeviceRequirementError, "needs a CUDA GPU",
-                    f"Optimizer {spec.name!r} runs only on a CUDA GPU and this machine has none. Train on a GPU, or "
-                    "pick a CPU-capable optimizer (`lit-optim list` shows which).")
-        have = torch.cuda.get_device_capability()
-        if spec.min_compute_capability and have < spec.min_compute_capability:
-            need = ".".join(map(str, spec.min_compute_capability))
-            return (DeviceRequirementError, f"needs compute capability >= {need}",
-                    f"Optimizer {spec.name!r} needs CUDA compute capability >= {need} (FP8: Ada or Hopper); this "
-                    f"GPU ({torch.cuda.get_device_name()}) is {have[0]}.{have[1]}. Use an 8-bit optimizer instead, "
-                    "e.g. 'adamw_torch_8bit'.")
-    return None
 
 
 def availability(spec: OptimizerSpec) -> Availability:

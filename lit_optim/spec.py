@@ -2,7 +2,7 @@
 
 A spec says what a name builds (`target` class plus the arguments the name fixes, such as bits or paging), what its
 optimizer state costs in theory (`state_bytes`), where it runs and what it supports. Specs never import their backend;
-`build.py` does that lazily when the name is actually selected.
+`lit_optim/builders/` does that when the name is actually built.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ BACKENDS: Mapping[str, tuple[str, str]] = MappingProxyType(
 StateTheory = Callable[[tuple[int, ...], Mapping[str, Any]], float]
 # builder(param_groups, spec, kwargs, context) -> optimizer, for names that are more than `target(**kwargs)`.
 Builder = Callable[..., Any]
+# arguments(spec) -> {hyperparameter: default}, for names that take more than their class's constructor arguments.
+Arguments = Callable[["OptimizerSpec"], Mapping[str, Any]]
 
 
 def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -56,6 +58,7 @@ class OptimizerSpec:
     min_compute_capability: tuple[int, int] | None = None
     supports: frozenset[str] = ALL_FEATURES
     builder: Builder | None = None
+    arguments: Arguments | None = None
     train_eval_switch: bool = False  # schedule-free: optimizer.train()/eval() must follow the module
     embedding_state_32bit: bool = False  # bnb 8-bit: nn.Embedding weights keep 32-bit state by default
     notes: str = ""

@@ -60,7 +60,8 @@ def expected_state_bytes(optimizer, p: torch.Tensor) -> float:
     sub = optimizer.optimizer_for(p)[0] if isinstance(optimizer, InBackwardOptimizer) else optimizer
     spec = info.spec
     if isinstance(sub, LowRankOptimizer) and not sub.is_target(p):
-        spec, hp = sub.inner_spec, {**sub.inner_spec.defaults, **hp}
+        inner = sub.inner.spec  # the registry factory records the spec it builds
+        spec, hp = inner, {**inner.defaults, **hp}
     if spec.backend == "bitsandbytes" and spec.bits == 8 and info.plan.param_info[id(p)].is_embedding:
         return theory.fp32_states(2)(tuple(p.shape), hp)  # kept at 32 bits, as Hugging Face does
     return spec.state_bytes(tuple(p.shape), hp)

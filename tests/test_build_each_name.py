@@ -54,7 +54,9 @@ def per_name(names):
 ALL = lit_optim.list_optimizers()
 # Schedule-free RAdam's default "silent SGD phase" leaves the parameters untouched for its first 4 steps.
 STEP_HP = {"schedule_free_radam": {"silent_sgd_phase": False}}
-BNB_8BIT_EMBEDDING = [n for n in ALL if lit_optim.get_spec(n).embedding_state_32bit]
+# bitsandbytes' own 8-bit names (the projections around them are checked in test_galore.py).
+BNB_8BIT_EMBEDDING = [n for n in ALL if lit_optim.get_spec(n).backend == "bitsandbytes"
+                      and lit_optim.get_spec(n).embedding_state_32bit]
 
 
 def leaves(optimizer, p) -> list[torch.Tensor]:

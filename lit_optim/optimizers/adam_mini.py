@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from lit_optim.errors import HyperparameterError
-from lit_optim.spec import constructor_arguments
 
 QUERY = {"q_proj", "q", "query", "wq", "q_lin", "to_q", "query_proj"}
 KEY = {"k_proj", "k", "key", "wk", "k_lin", "to_k", "key_proj"}
@@ -232,20 +231,6 @@ class AdamMini(torch.optim.Optimizer):
                 denom = (self._expand(v, part).float() / bc2).sqrt_().add_(eps).to(p.dtype)
                 p.view(part.rows, -1).addcdiv_(m.view(part.rows, -1), denom.unsqueeze(1), value=-lr / bc1)
         return loss
-
-    @classmethod
-    def accepted_arguments_for(cls, spec) -> dict:
-        """Hyperparameters of the registry name: the constructor's, less `partitions` (computed from the model)."""
-        return constructor_arguments(cls, ("partitions",))
-
-    @classmethod
-    def build(cls, groups, spec, kwargs: dict, context) -> AdamMini:
-        kwargs = dict(kwargs)
-        infos = list(context.param_info.values()) if context is not None else []
-        partitions = infer_partitions(infos, context.model if context is not None else None,
-                                      n_heads=kwargs.get("n_heads"), n_kv_heads=kwargs.get("n_kv_heads"),
-                                      d_model=kwargs.get("d_model"))
-        return cls(groups, partitions=partitions, **kwargs)
 
 
 __all__ = ["AdamMini", "Partition", "infer_partitions"]

@@ -42,24 +42,18 @@ class Apollo(LowRankOptimizer):
         scale_type: str = "channel",
         norm_growth_limit: float = 1.01,
         seed: int = 0,
-        target_modules=None,
-        inner: str = "adamw_torch",
-        inner_kwargs=None,
-        embedding_state_32bit: bool = True,
         *,
+        inner=torch.optim.AdamW,
+        inner_kwargs=None,
         targets=None,
-        context=None,
         fp32_state_params=(),
     ) -> None:
         if scale_type not in ("channel", "tensor"):
             raise HyperparameterError(f"scale_type must be 'channel' or 'tensor'; got {scale_type!r}.")
-        if targets is None and target_modules is not None:
-            raise HyperparameterError("target_modules needs module names: build APOLLO with "
-                                      "lit_optim.build_optimizer(model, 'apollo_adamw', target_modules=...).")
         defaults = {"lr": lr, "weight_decay": weight_decay, "rank": int(rank), "update_proj_gap": int(update_proj_gap),
                     "scale": float(scale), "proj_type": proj_type, "scale_type": scale_type,
                     "norm_growth_limit": float(norm_growth_limit or 0.0), "seed": int(seed)}
-        super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, targets=targets, context=context,
+        super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, targets=targets,
                          fp32_state_params=fp32_state_params)
 
     def _inner_lr(self, group) -> float:

@@ -16,13 +16,12 @@ torchao's quantized subclasses), and then re-links.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from itertools import chain
 from typing import Any
 
 import torch
 
-from lit_optim.bnb_adapter import private_override_manager
 from lit_optim.errors import HyperparameterError
 from lit_optim.state_bytes import state_entries
 
@@ -43,27 +42,6 @@ def set_group_value(group: dict, key: str, value: Any) -> None:
         current.fill_(float(value))
     else:
         group[key] = value
-
-
-def build_sub_optimizer(spec, groups: list[dict], kwargs: Mapping[str, Any], context=None,
-                        fp32_state_params: Iterable[torch.Tensor] = ()) -> torch.optim.Optimizer:
-    """Build the registry optimizer `spec` over `groups` (constructor defaults: the spec's, then `kwargs`).
-
-    bitsandbytes optimizers get a private override manager: its process-wide ``GlobalOptimManager`` keys overrides by
-    (group index, parameter index), which every one of our many small sub-optimizers shares, so one override (an
-    embedding kept at 32 bits) would leak into all of them. ``fp32_state_params`` keep 32-bit state there.
-    """
-    ctor = {**spec.defaults, **dict(kwargs), **spec.fixed}
-    if spec.builder is not None:
-        opt = spec.builder(groups, spec, ctor, context)
-    else:
-        opt = spec.load_class()(groups, **ctor)
-    if spec.backend == "bitsandbytes":
-        private_override_manager(opt, fp32_state_params)
-    from lit_optim.build import _verify  # the object must be what the inner name claims (class, bits, paging)
-
-    _verify(opt, spec)
-    return opt
 
 
 class CompositeOptimizer(torch.optim.Optimizer):

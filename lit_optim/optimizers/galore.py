@@ -1,4 +1,4 @@
-"""GaLore (Zhao et al., 2024): gradient low-rank projection around any inner optimizer of the registry.
+"""GaLore (Zhao et al., 2024): gradient low-rank projection around any inner optimizer.
 
 Every ``update_proj_gap`` steps the projector of a targeted weight is refreshed from the SVD of its current gradient
 (top-``rank`` singular vectors on the side ``proj_type`` chooses); in between, the gradient is projected to R, the inner
@@ -10,11 +10,14 @@ singular vectors come from the Gram matrix's eigenvectors by default (``svd_meth
 
 Why not the galore-torch package: its 8-bit class passes removed bitsandbytes arguments positionally (they land in
 ``max_unorm``/``skip_zeros`` on bitsandbytes 0.50), and it keeps each projector as a Python object in the optimizer
-state, which checkpoints cannot load with ``weights_only=True``. This one wraps any registry optimizer and keeps the
-projector as plain tensors, so runs resume exactly.
+state, which checkpoints cannot load with ``weights_only=True``. This one wraps any optimizer class or factory
+(``inner=``; the registry names pass one built from a spec) and keeps the projector as plain tensors, so runs resume
+exactly.
 """
 
 from __future__ import annotations
+
+import torch
 
 from lit_optim.errors import HyperparameterError
 from lit_optim.optimizers.lowrank import LowRankOptimizer
@@ -32,23 +35,17 @@ class GaLore(LowRankOptimizer):
         scale: float = 0.25,
         proj_type: str = "std",
         svd_method: str = "gram_eigh",
-        target_modules=None,
-        inner: str = "adamw_torch",
-        inner_kwargs=None,
-        embedding_state_32bit: bool = True,
         *,
+        inner=torch.optim.AdamW,
+        inner_kwargs=None,
         targets=None,
-        context=None,
         fp32_state_params=(),
     ) -> None:
-        if targets is None and target_modules is not None:
-            raise HyperparameterError("target_modules needs module names: build GaLore with "
-                                      "lit_optim.build_optimizer(model, 'galore_adamw', target_modules=...).")
         if svd_method not in SVD_METHODS:
             raise HyperparameterError(f"svd_method must be one of {', '.join(SVD_METHODS)}; got {svd_method!r}.")
         defaults = {"lr": lr, "weight_decay": weight_decay, "rank": int(rank), "update_proj_gap": int(update_proj_gap),
                     "scale": float(scale), "proj_type": proj_type, "svd_method": svd_method}
-        super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, targets=targets, context=context,
+        super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, targets=targets,
                          fp32_state_params=fp32_state_params)
 
     def _factors(self, p, group, grad, own, step, side):

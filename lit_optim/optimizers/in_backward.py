@@ -1,6 +1,7 @@
-"""Optimizer-in-backward for any registry optimizer: each parameter steps as soon as its gradient is complete.
+"""Optimizer-in-backward for any optimizer: each parameter steps as soon as its gradient is complete.
 
-One sub-optimizer per parameter (the registry name's own class, or a one-parameter GaLore/APOLLO) steps inside a
+One sub-optimizer per parameter (``make_sub(group)``: for a registry name, the name's own optimizer or a one-parameter
+GaLore/APOLLO, built by `lit_optim/builders/in_backward.py`) steps inside a
 ``register_post_accumulate_grad_hook`` hook, and the gradient is released right after, so at most a few gradients are
 alive at once instead of all of them.
 
@@ -28,7 +29,6 @@ any step).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,13 +37,8 @@ import torch
 
 from lit_optim.bnb_adapter import share_qmaps
 from lit_optim.errors import HyperparameterError, IncompatibleConfigError
-from lit_optim.optimizers.composite import (
-    CompositeOptimizer,
-    as_groups,
-    build_sub_optimizer,
-    set_group_value,
-)
-from lit_optim.spec import CPU, GRAD_ACCUM, constructor_arguments
+from lit_optim.optimizers.composite import CompositeOptimizer, as_groups, set_group_value
+from lit_optim.spec import CPU, GRAD_ACCUM
 
 IN_BACKWARD_SUPPORTS = frozenset({CPU, GRAD_ACCUM})
 _GROUP_SYNC = ("lr", "weight_decay")
@@ -84,13 +79,6 @@ class InBackwardOptimizer(CompositeOptimizer):
         self._norm_unlogged = False
         ref = weakref.ref(self)
         self._handles = [p.register_post_accumulate_grad_hook(_hook(ref)) for p in self._params()]
-
-    @classmethod
-    def accepted_arguments_for(cls, spec) -> dict[str, Any]:
-        """``<name>_layerwise``: the base name's hyperparameters plus clip_per_param_norm; subclasses: their own."""
-        if "base" in spec.fixed:
-            return _layerwise_arguments(spec)
-        return constructor_arguments(cls, ("make_sub", "defaults"))
 
     # --- composite plumbing ---------------------------------------------------------------------------------------
     def _route(self, p):
@@ -190,82 +178,3 @@ class InBackwardOptimizer(CompositeOptimizer):
         if problems:
             raise IncompatibleConfigError(f"Optimizer {name!r} steps in backward and cannot run with this Trainer: "
                                           + "; ".join(problems) + ".")
-
-
-# --- building ------------------------------------------------------------------------------------------------------
-def in_backward_spec(spec):
-    """The spec of `spec` stepped in backward: same state theory, narrower support."""
-    return dataclasses.replace(spec, supports=spec.supports & IN_BACKWARD_SUPPORTS)
-
-
-def check_in_backward_base(spec) -> None:
-    if spec.train_eval_switch:
-        raise HyperparameterError(
-            f"{spec.name!r} is schedule-free: its train()/eval() parameter swap is not supported in backward; use it "
-            "without in_backward."
-        )
-    if spec.target.endswith(":InBackwardOptimizer") or issubclass(spec.load_class(), InBackwardOptimizer):
-        raise HyperparameterError(f"{spec.name!r} already steps in backward.")
-
-
-def check_in_backward_options(spec, group_opts: dict, hp: dict) -> None:
-    """Validate ``in_backward`` (popped into `group_opts`) and move ``clip_per_param_norm`` there with it."""
-    flag = group_opts["in_backward"]
-    if not isinstance(flag, bool):
-        raise HyperparameterError(f"in_backward must be true or false; got {flag!r}.")
-    if issubclass(spec.load_class(), InBackwardOptimizer):
-        if not flag:
-            raise HyperparameterError(f"{spec.name!r} always steps in backward; in_backward=false is not possible "
-                                      "(use the name without _layerwise).")
-        group_opts.pop("in_backward")
-        return
-    if not flag:
-        return
-    check_in_backward_base(spec)
-    if "clip_per_param_norm" in hp:
-        clip = hp.pop("clip_per_param_norm")
-        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0):
-            raise HyperparameterError(f"clip_per_param_norm must be a positive number; got {clip!r}.")
-        group_opts["clip_per_param_norm"] = clip
-
-
-def build_in_backward(groups, spec, kwargs: Mapping[str, Any], context, *, clip_per_param_norm=None,
-                      embedding_state_32bit: bool = False) -> InBackwardOptimizer:
-    """Per-parameter optimizers of registry spec `spec` (constructor kwargs `kwargs`), stepped in backward."""
-    check_in_backward_base(spec)
-    kwargs = {k: v for k, v in kwargs.items() if k not in spec.fixed}
-    emb = set()
-    if embedding_state_32bit and context is not None:
-        emb = {id(i.param) for i in context.param_info.values() if i.is_embedding}
-
-    def make_sub(group: dict) -> torch.optim.Optimizer:
-        fp32 = [p for p in group["params"] if id(p) in emb]
-        return build_sub_optimizer(spec, [group], kwargs, context, fp32_state_params=fp32)
-
-    lr = kwargs.get("lr", groups[0].get("lr", 1e-3) if groups else 1e-3)
-    # "base" names the registry optimizer each parameter gets (the `_layerwise` names fix it).
-    return InBackwardOptimizer(groups, make_sub, clip_per_param_norm=clip_per_param_norm,
-                               defaults={"lr": lr, "base": spec.name})
-
-
-def layerwise_builder(groups, spec, kwargs: dict, context) -> InBackwardOptimizer:
-    """Builder of the ``<name>_layerwise`` registry names: the base name (``spec.fixed['base']``) in backward."""
-    from lit_optim.registry import get_spec
-
-    kwargs = dict(kwargs)
-    base = get_spec(kwargs.pop("base"))
-    clip = kwargs.pop("clip_per_param_norm", None)
-    emb32 = kwargs.pop("embedding_state_32bit", True) if base.embedding_state_32bit else False
-    return build_in_backward(groups, base, kwargs, context, clip_per_param_norm=clip, embedding_state_32bit=emb32)
-
-
-def _layerwise_arguments(spec) -> dict[str, Any]:
-    from lit_optim.build import accepted_arguments
-    from lit_optim.registry import get_spec
-
-    base = get_spec(spec.fixed["base"])
-    args = dict(accepted_arguments(base))
-    if base.embedding_state_32bit:
-        args["embedding_state_32bit"] = True
-    args["clip_per_param_norm"] = None
-    return args

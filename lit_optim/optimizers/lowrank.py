@@ -1,4 +1,8 @@
-"""The machinery GaLore and APOLLO share: an inner registry optimizer stepping low-rank stand-ins of the weights.
+"""The machinery GaLore and APOLLO share: an inner optimizer stepping low-rank stand-ins of the weights.
+
+The inner optimizer is any ``inner(param_groups, **inner_kwargs) -> Optimizer``: an optimizer class
+(``torch.optim.AdamW``, ``bitsandbytes.optim.AdamW8bit``) or a factory; lit_optim's registry names pass one built from
+a spec (`lit_optim/builders/lowrank.py`). Nothing here knows the registry.
 
 For each targeted 2-D weight W (m x n) the inner optimizer holds a *shadow*: a tensor of the projected shape whose
 value is zero at every step and whose ``.grad`` is set to the projected gradient R. After the inner step the shadow
@@ -18,46 +22,17 @@ The inner optimizer's state for a shadow *is* ``state[W]`` (see `composite.py`),
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
-from lit_optim.bnb_adapter import share_qmaps
+from lit_optim.bnb_adapter import isolate, share_qmaps
 from lit_optim.errors import HyperparameterError
-from lit_optim.optimizers.composite import (
-    CompositeOptimizer,
-    as_groups,
-    build_sub_optimizer,
-    set_group_value,
-)
+from lit_optim.optimizers.composite import CompositeOptimizer, as_groups, set_group_value
 from lit_optim.optimizers.projection import check_proj_type, project, projected_shape, projection_side
-from lit_optim.spec import constructor_arguments
 
-# Inner optimizers whose update depends on the parameter's value cannot step a zero-valued stand-in.
-_NOT_PROJECTABLE = {
-    "adafactor_torch": "PyTorch's Adafactor scales its step by the parameter's RMS (zero for a projected stand-in); "
-                       "use 'adafactor' (alias 'adafactor_hf', absolute lr) -- that is what 'galore_adafactor' uses",
-    "lamb_8bit": "LAMB's trust ratio divides by the parameter's norm, which is zero for a projected stand-in",
-}
-
-
-def check_projectable(spec) -> Any:
-    reason = _NOT_PROJECTABLE.get(spec.name)
-    if reason is None and spec.train_eval_switch:
-        reason = "schedule-free optimizers interpolate between parameter sequences, which a projection cannot keep"
-    if reason is None and spec.builder is not None:
-        reason = "it is itself a composite optimizer (projection, in-backward or a Muon/AdamW split)"
-    if reason:
-        raise HyperparameterError(f"{spec.name!r} cannot be the inner optimizer of a low-rank projection: {reason}.")
-    return spec
-
-
-def _inner_spec(inner):
-    from lit_optim.registry import get_spec
-
-    return check_projectable(inner if hasattr(inner, "load_class") else get_spec(inner))
-
+InnerFactory = Callable[..., torch.optim.Optimizer]  # (param_groups, **inner_kwargs) -> optimizer
 
 def _placeholder(shape, device) -> torch.Tensor:
     return torch.zeros((), dtype=torch.float32, device=device).expand(*shape)
@@ -68,12 +43,18 @@ class LowRankOptimizer(CompositeOptimizer):
 
     _valid_proj_types: tuple[str, ...] = ("std", "reverse_std", "left", "right", "full")
 
-    def __init__(self, params, defaults: dict, *, inner="adamw_torch", inner_kwargs: Mapping[str, Any] | None = None,
-                 targets: Mapping[int, int] | None = None, context=None, fp32_state_params=()) -> None:
+    def __init__(self, params, defaults: dict, *, inner: InnerFactory = torch.optim.AdamW,
+                 inner_kwargs: Mapping[str, Any] | None = None, targets: Mapping[int, int] | None = None,
+                 fp32_state_params: Iterable[torch.Tensor] = ()) -> None:
+        """`targets`: id(param) -> index (its projection seed) of the 2-D weights to project (default: every 2-D
+        parameter); `fp32_state_params`: parameters whose bitsandbytes state stays at 32 bits."""
         groups = as_groups(params)
-        self.inner_spec = _inner_spec(inner)
+        if not callable(inner):
+            raise HyperparameterError(f"inner must be an optimizer class or factory; got {inner!r} (registry names "
+                                      "such as 'adamw_8bit' go through lit_optim.build_optimizer).")
+        self.inner = inner
         # "inner" (a name) rides along in every group: it says what steps the projected tensors.
-        super().__init__(groups, {**defaults, "inner": self.inner_spec.name})
+        super().__init__(groups, {**defaults, "inner": getattr(inner, "__name__", type(inner).__name__)})
         for g in self.param_groups:
             check_proj_type(g["proj_type"], self._valid_proj_types)
             if int(g["rank"]) < 1 or int(g["update_proj_gap"]) < 1:
@@ -99,17 +80,24 @@ class LowRankOptimizer(CompositeOptimizer):
                     continue
                 shadow = _placeholder(self.projected_shape(p, g), p.device)
                 self._shadow[id(p)] = shadow
-                self._target_opt[id(p)] = build_sub_optimizer(
-                    self.inner_spec, [{"params": [shadow], "lr": self._inner_lr(g), "weight_decay": 0.0}], kwargs,
-                    context)
+                self._target_opt[id(p)] = self._make_inner(
+                    [{"params": [shadow], "lr": self._inner_lr(g), "weight_decay": 0.0}], kwargs)
             if plain:
                 plain_groups.append({"params": plain, "lr": g["lr"], "weight_decay": g["weight_decay"],
                                      "name": g.get("name", f"group{gi}"), "wrapper_group": gi})
-        self._plain = build_sub_optimizer(
-            self.inner_spec, plain_groups, kwargs, context,
-            fp32_state_params=[p for g in plain_groups for p in g["params"] if id(p) in fp32_ids],
+        self._plain = self._make_inner(
+            plain_groups, kwargs, [p for g in plain_groups for p in g["params"] if id(p) in fp32_ids],
         ) if plain_groups else None
         share_qmaps(self.lit_optim_inner_optimizers())
+
+    def _make_inner(self, groups: list[dict], kwargs: Mapping[str, Any], fp32=()) -> torch.optim.Optimizer:
+        opt = self.inner(groups, **kwargs)
+        if isinstance(opt, CompositeOptimizer):
+            raise HyperparameterError(f"{type(opt).__name__} cannot be the inner optimizer of a low-rank projection: "
+                                      "it is itself a composite optimizer.")
+        # One optimizer per target: bitsandbytes' process-wide override manager must not leak between them.
+        isolate(opt, fp32)
+        return opt
 
     # --- subclass interface -------------------------------------------------------------------------------------
     def _inner_lr(self, group: dict) -> float:
@@ -132,27 +120,6 @@ class LowRankOptimizer(CompositeOptimizer):
     def projected_shape(self, p: torch.Tensor, group: dict | None = None) -> tuple[int, int]:
         group = group or self.param_groups[self._group_of[id(p)]]
         return projected_shape(p.shape, group["rank"], projection_side(p.shape, group["proj_type"]))
-
-    def inner_state_report(self) -> list[dict[str, Any]]:
-        """Per target: shape, projected shape and the bytes its inner state really takes per projected element.
-
-        bitsandbytes keeps 32-bit state below 4096 elements and torchao quantizes only tensors of >= 4096 elements
-        divisible by its block size: projected shapes are small, so this says what precision the inner state got.
-        """
-        from lit_optim.state_bytes import state_bytes_by_param
-
-        rows = []
-        for p in self.targets:
-            opt = self._target_opt[id(p)]
-            inner_bytes = sum(state_bytes_by_param(opt).values())
-            own = sum(v.untyped_storage().nbytes() for k, v in self.state.get(p, {}).items()
-                      if k.startswith(self.own_prefix) and isinstance(v, torch.Tensor))
-            shape = self.projected_shape(p)
-            rows.append({"shape": tuple(p.shape), "projected_shape": shape, "projected_numel": shape[0] * shape[1],
-                         "inner_bytes": inner_bytes - own,
-                         "inner_bytes_per_element": (inner_bytes - own) / (shape[0] * shape[1]),
-                         "projector_bytes": own})
-        return rows
 
     # --- composite plumbing ---------------------------------------------------------------------------------------
     def _route(self, p):
@@ -210,55 +177,3 @@ class LowRankOptimizer(CompositeOptimizer):
         shadow.data = _placeholder(shadow.shape, p.device)
         own["proj_step"] = step + 1
         self._link(p, self._pending.pop(p, None))
-
-    # --- registry integration -------------------------------------------------------------------------------------
-    @classmethod
-    def _own_arguments(cls) -> dict[str, Any]:
-        return constructor_arguments(cls, ("targets", "context", "fp32_state_params"))
-
-    @classmethod
-    def accepted_arguments_for(cls, spec) -> dict[str, Any]:
-        """Hyperparameters a registry name built on this class takes: its own plus its inner optimizer's."""
-        from lit_optim.build import accepted_arguments, check_available
-        from lit_optim.registry import get_spec
-
-        own = cls._own_arguments()
-        inner_name = spec.fixed.get("inner")
-        if inner_name is None:  # generic name: the inner is chosen by hyperparameter, its arguments go in inner_kwargs
-            return own
-        inner_spec = check_projectable(get_spec(inner_name))
-        check_available(inner_spec)
-        own.pop("inner_kwargs", None)
-        own.pop("inner", None)  # fixed by the name
-        if not (inner_spec.backend == "bitsandbytes" and inner_spec.bits == 8):
-            own.pop("embedding_state_32bit", None)
-        inner_args = {k: v for k, v in accepted_arguments(inner_spec).items()
-                      if k not in own and k not in ("optim_bits", "is_paged") and k not in inner_spec.fixed}
-        for k, v in inner_spec.defaults.items():
-            if k in inner_args:
-                inner_args[k] = v
-        return {**own, **inner_args}
-
-    @classmethod
-    def build(cls, groups, spec, kwargs: dict, context) -> LowRankOptimizer:
-        """Spec builder: resolve `target_modules` on the model, split own and inner hyperparameters, construct."""
-        from lit_optim.optimizers.projection import select_targets
-
-        kwargs = dict(kwargs)
-        target_modules = kwargs.pop("target_modules", None)
-        keep_emb_32 = kwargs.pop("embedding_state_32bit", True)
-        infos = list(context.param_info.values()) if context is not None else []
-        targets = select_targets(infos, context.model if context is not None else None, target_modules)
-        own_names = set(cls._own_arguments())
-        own = {k: v for k, v in kwargs.items() if k in own_names}
-        inner_hparams = {k: v for k, v in kwargs.items() if k not in own_names}
-        if inner_hparams and "inner" not in spec.fixed:
-            raise HyperparameterError(
-                f"{spec.name!r}: {sorted(inner_hparams)} are not its hyperparameters; give the inner optimizer's "
-                "arguments as inner_kwargs={...}."
-            )
-        inner_kwargs = {**dict(own.pop("inner_kwargs", None) or {}), **inner_hparams}
-        inner = _inner_spec(own.pop("inner", "adamw_torch"))
-        fp32 = [i.param for i in infos if i.is_embedding] if keep_emb_32 else []
-        return cls(groups, inner=inner, inner_kwargs=inner_kwargs, targets=targets, context=context,
-                   fp32_state_params=fp32, **own)

@@ -33,62 +33,9 @@ from typing import Any
 
 import torch
 
-from lit_optim.errors import HyperparameterError, IncompatibleConfigError
+from lit_optim.errors import IncompatibleConfigError
 from lit_optim.optimizers.composite import as_groups, set_group_value
-from lit_optim.spec import CPU, DDP, GRAD_ACCUM, GRAD_CLIP
 from lit_optim.state_bytes import state_tensors
-
-OFFLOAD_TARGETS = ("cpu",)
-
-
-def offload_problem(spec) -> str | None:
-    """Why registry name `spec` cannot step on the host behind `OffloadOptimizer`, or None if it can."""
-    if spec.requires_cuda or CPU not in spec.supports:
-        return "its step runs only on CUDA, so it cannot step on the host"
-    if spec.paged:
-        return ("its state lives in paged (CUDA managed) memory, which the driver already moves to the host on "
-                "demand; pick one: paging, or the unpaged name " + repr(spec.name.removeprefix("paged_"))
-                + " with offload=cpu")
-    if spec.train_eval_switch:
-        return ("it is schedule-free: its train()/eval() swap edits the parameters it steps, which would be the host "
-                "copies")
-    if spec.target.endswith(("InBackwardOptimizer", ":Lomo", ":AdaLomo")):
-        return "it steps in backward on the device gradients; offload steps after backward"
-    if spec.builder is not None:
-        return ("it is built from the model's structure (which parameters are projected or partitioned), which the "
-                "host copies do not carry")
-    return None
-
-
-def check_offload_options(spec, group_opts: dict) -> None:
-    """Validate ``offload``/``offload_gradients`` (popped into `group_opts`); off values are dropped."""
-    target = group_opts.get("offload")
-    grads = group_opts.pop("offload_gradients", False)
-    if target is not None and target not in OFFLOAD_TARGETS:
-        raise HyperparameterError(f"offload must be null or one of {list(OFFLOAD_TARGETS)}; got {target!r}.")
-    if not isinstance(grads, bool):
-        raise HyperparameterError(f"offload_gradients must be true or false; got {grads!r}.")
-    if target is None:
-        group_opts.pop("offload", None)
-        if grads:
-            raise HyperparameterError("offload_gradients=true needs offload=cpu (gradients go where the state is); "
-                                      "set offload=cpu too.")
-        return
-    problem = offload_problem(spec)
-    if problem is not None:
-        raise HyperparameterError(f"Optimizer {spec.name!r} cannot use offload={target!r}: {problem}. Drop offload, or "
-                                  "pick a name that runs on the CPU (`lit-optim list` shows which).")
-    if group_opts.get("in_backward"):
-        raise HyperparameterError(
-            f"Optimizer {spec.name!r}: in_backward and offload={target!r} cannot be combined: in-backward steps each "
-            "parameter on the device during backward, offload steps on the host after it. Choose one.")
-    group_opts["offload_gradients"] = grads
-
-
-def offload_supports(spec, offload_gradients: bool) -> frozenset:
-    """What the name still supports once offloaded: never FSDP; with gradient offload no DDP, clipping, accumulation."""
-    keep = {CPU, DDP, GRAD_CLIP, GRAD_ACCUM} - ({DDP, GRAD_CLIP, GRAD_ACCUM} if offload_gradients else set())
-    return spec.supports & frozenset(keep)
 
 
 def _host_copy(p: torch.Tensor, pin: bool) -> torch.Tensor:

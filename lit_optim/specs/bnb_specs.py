@@ -7,8 +7,10 @@ bitsandbytes' plain `AdamW` is 32-bit unless told otherwise; every name here pin
 from __future__ import annotations
 
 from lit_optim import theory
-from lit_optim.registry import register
 from lit_optim.spec import CPU, DDP, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
+
+SPECS: list[OptimizerSpec] = []  # in registry order; lit_optim/specs/all.py collects them
+register = SPECS.append
 
 # FSDP cannot save bitsandbytes' 8-bit/paged state through its optimizer state dict (bnb#89, #1403, #1732).
 _NO_FSDP = frozenset({CPU, DDP, GRAD_CLIP, GRAD_ACCUM})

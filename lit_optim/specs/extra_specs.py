@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from lit_optim import theory
-from lit_optim.registry import register
 from lit_optim.spec import OptimizerSpec
+
+SPECS: list[OptimizerSpec] = []  # in registry order; lit_optim/specs/all.py collects them
+register = SPECS.append
 
 _SF = "Schedule-free: no LR decay schedule needed; lit_optim switches optimizer.train()/eval() with the module."
 register(OptimizerSpec(

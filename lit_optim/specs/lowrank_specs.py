@@ -10,11 +10,17 @@ applies the inner's own formula to the projected shape.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from lit_optim import theory
-from lit_optim.registry import get_spec, register
+from lit_optim.builders.lowrank import adam_mini_arguments, adam_mini_builder, lowrank_arguments, lowrank_builder
+from lit_optim.optimizers.projection import factor_elements, projected_shape, projection_side
 from lit_optim.spec import CPU, DDP, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
+from lit_optim.specs import bnb_specs, extra_specs, torch_specs, torchao_specs
+
+SPECS: list[OptimizerSpec] = []  # in registry order; lit_optim/specs/all.py collects them
+register = SPECS.append
 
 FP32 = theory.FP32
 # FSDP2 shards each weight: a projection (SVD or random), a per-head/per-row block or a factored statistic of a shard
@@ -33,41 +39,46 @@ def adafactor_theory(shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
     return FP32 * (shape[0] + shape[1]) if len(shape) == 2 else FP32 * n
 
 
-def lowrank_theory(inner_name: str | None, defaults: Mapping[str, Any], *, store_factors: bool, extra: float = 0.0):
-    """Per 2-D target: the projection factors (GaLore) + the inner optimizer's theory on the projected shape."""
+def inner_spec(name: str) -> OptimizerSpec:
+    """A plain (non-composite) spec by name or alias: what a projection can step. Composite names are declared
+    here and are never inner optimizers, so the base backends' lists are all that is searched."""
+    for spec in (*torch_specs.SPECS, *torchao_specs.SPECS, *bnb_specs.SPECS, *extra_specs.SPECS, *SPECS):
+        if name in spec.names:
+            return spec
+    raise KeyError(name)
+
+
+def lowrank_theory(inner: OptimizerSpec | None, defaults: Mapping[str, Any], *, store_factors: bool,
+                   extra: float = 0.0):
+    """Per 2-D target: the projection factors (GaLore) + the inner optimizer's theory on the projected shape.
+    `inner` None: the generic name, whose inner is the ``inner`` hyperparameter."""
 
     def theory_fn(shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
-        from lit_optim.optimizers.projection import factor_elements, projected_shape, projection_side
-
         hp = {**defaults, **hp}
-        inner = get_spec(inner_name or hp.get("inner") or "adamw_torch")
-        inner_hp = {**inner.defaults, **dict(hp.get("inner_kwargs") or {}), **hp}
+        spec = inner or inner_spec(hp.get("inner") or "adamw_torch")
+        inner_hp = {**spec.defaults, **dict(hp.get("inner_kwargs") or {}), **hp}
         if len(shape) != 2:
-            return inner.state_bytes(shape, inner_hp)
+            return spec.state_bytes(shape, inner_hp)
         side = projection_side(shape, hp["proj_type"])
         own = FP32 * factor_elements(shape, hp["rank"], side) if store_factors else 0.0
         limiter = FP32 if extra and hp.get("norm_growth_limit") else 0.0
-        return own + limiter + inner.state_bytes(projected_shape(shape, hp["rank"], side), inner_hp)
+        return own + limiter + spec.state_bytes(projected_shape(shape, hp["rank"], side), inner_hp)
 
     return theory_fn
 
 
-def _galore(groups, spec, kwargs, context):
-    from lit_optim.optimizers.galore import GaLore
-
-    return GaLore.build(groups, spec, kwargs, context)
-
-
-def _apollo(groups, spec, kwargs, context):
-    from lit_optim.optimizers.apollo import Apollo
-
-    return Apollo.build(groups, spec, kwargs, context)
-
-
-def _adam_mini(groups, spec, kwargs, context):
-    from lit_optim.optimizers.adam_mini import AdamMini
-
-    return AdamMini.build(groups, spec, kwargs, context)
+def _lowrank(name: str, target: str, inner: str | None, *, theory_defaults: Mapping[str, Any], store_factors: bool,
+             extra: float = 0.0, **fields) -> OptimizerSpec:
+    """A GaLore/APOLLO spec; a fixed inner's spec is bound into builder, arguments and theory here."""
+    bound = inner_spec(inner) if inner else None
+    return OptimizerSpec(
+        name=name, backend="lit_optim", target=target, supports=NO_FSDP,
+        builder=partial(lowrank_builder, inner=bound), arguments=partial(lowrank_arguments, inner=bound),
+        fixed={"inner": inner} if inner else {},
+        # bitsandbytes 8-bit inners keep the (never projected) embedding's state at 32 bits, as the plain name does;
+        # the generic name takes the switch too, for when its inner is one of those.
+        embedding_state_32bit=bound.embedding_state_32bit if bound else True,
+        state_bytes=lowrank_theory(bound, theory_defaults, store_factors=store_factors, extra=extra), **fields)
 
 
 register(OptimizerSpec(
@@ -92,7 +103,8 @@ _GALORE_NOTE = ("Targets: nn.Linear weights except embeddings and the head (targ
                 "names, as Hugging Face's optim_target_modules); other tensors get the inner optimizer with the "
                 "normal param groups, weight decay included. State theory is per targeted weight. "
                 + HF_LOWRANK_DIFFERENCES)
-# name, inner registry name, bits of the inner's bulk state, HF name?
+_GALORE_CLASS, _APOLLO_CLASS = "lit_optim.optimizers.galore:GaLore", "lit_optim.optimizers.apollo:Apollo"
+# name, inner registry name, bits of the inner's bulk state, description
 _GALORE = [
     ("galore_adamw", "adamw_torch", 32, "GaLore projection around PyTorch AdamW (fp32 low-rank moments)."),
     ("galore_adamw_8bit", "adamw_bnb_8bit", 8, "GaLore projection around bitsandbytes AdamW8bit (8-bit low-rank "
@@ -109,16 +121,11 @@ _GALORE = [
 # 128, under which more of the small projected moments divide evenly and so get 4-bit state.
 _GALORE_DEFAULTS = {"galore_adamw_4bit": {"block_size": 128}}
 for _name, _inner, _bits, _desc in _GALORE:
-    register(OptimizerSpec(
-        name=_name, backend="lit_optim", target="lit_optim.optimizers.galore:GaLore", builder=_galore,
-        fixed={"inner": _inner}, bits=_bits, supports=NO_FSDP, notes=_GALORE_NOTE,
-        defaults=_GALORE_DEFAULTS.get(_name, {}),
-        state_bytes=lowrank_theory(_inner, GALORE_DEFAULTS, store_factors=True), description=_desc,
-    ))
-register(OptimizerSpec(
-    name="galore", backend="lit_optim", target="lit_optim.optimizers.galore:GaLore", builder=_galore,
-    supports=NO_FSDP, notes=_GALORE_NOTE + " The inner optimizer's own arguments go in inner_kwargs.",
-    state_bytes=lowrank_theory(None, GALORE_DEFAULTS, store_factors=True),
+    register(_lowrank(_name, _GALORE_CLASS, _inner, theory_defaults=GALORE_DEFAULTS, store_factors=True, bits=_bits,
+                      notes=_GALORE_NOTE, defaults=_GALORE_DEFAULTS.get(_name, {}), description=_desc))
+register(_lowrank(
+    "galore", _GALORE_CLASS, None, theory_defaults=GALORE_DEFAULTS, store_factors=True,
+    notes=_GALORE_NOTE + " The inner optimizer's own arguments go in inner_kwargs.",
     description="GaLore projection around any registry optimizer (hyperparameter inner, default adamw_torch).",
 ))
 
@@ -128,18 +135,16 @@ _APOLLO_NOTE = ("Random projections regenerate from a stored seed, so the state 
                                                  "adam_beta/epsilon are not applied and",
                                                  "it applies adam_beta/epsilon to targeted weights only, no "
                                                  "weight_decay, and"))
-register(OptimizerSpec(
-    name="apollo_adamw", backend="lit_optim", target="lit_optim.optimizers.apollo:Apollo", builder=_apollo,
-    fixed={"inner": "adamw_torch"}, defaults={"eps": 1e-6}, supports=NO_FSDP, notes=_APOLLO_NOTE,
-    state_bytes=lowrank_theory("adamw_torch", APOLLO_DEFAULTS, store_factors=False, extra=1),
+register(_lowrank(
+    "apollo_adamw", _APOLLO_CLASS, "adamw_torch", theory_defaults=APOLLO_DEFAULTS, store_factors=False, extra=1,
+    defaults={"eps": 1e-6}, notes=_APOLLO_NOTE,
     description="APOLLO: AdamW moments of a random rank-r projection estimate channel-wise learning-rate scaling of "
                 "an SGD-like update (Hugging Face defaults: rank 128, gap 200, scale 1).",
 ))
 _MINI = {"rank": 1, "scale_type": "tensor", "scale": 128.0}
-register(OptimizerSpec(
-    name="apollo_mini", backend="lit_optim", target="lit_optim.optimizers.apollo:Apollo", builder=_apollo,
-    fixed={"inner": "adamw_torch"}, defaults={"eps": 1e-6, **_MINI}, supports=NO_FSDP, notes=_APOLLO_NOTE,
-    state_bytes=lowrank_theory("adamw_torch", {**APOLLO_DEFAULTS, **_MINI}, store_factors=False, extra=1),
+register(_lowrank(
+    "apollo_mini", _APOLLO_CLASS, "adamw_torch", theory_defaults={**APOLLO_DEFAULTS, **_MINI}, store_factors=False,
+    extra=1, defaults={"eps": 1e-6, **_MINI}, notes=_APOLLO_NOTE,
     description="APOLLO-Mini: rank-1 projection, one tensor-wise scaling factor per weight, scale 128 -- SGD-like "
                 "memory.",
 ))
@@ -154,7 +159,8 @@ def adam_mini_theory(shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
 
 
 register(OptimizerSpec(
-    name="adam_mini", backend="lit_optim", target="lit_optim.optimizers.adam_mini:AdamMini", builder=_adam_mini,
+    name="adam_mini", backend="lit_optim", target="lit_optim.optimizers.adam_mini:AdamMini", builder=adam_mini_builder,
+    arguments=adam_mini_arguments,
     supports=NO_FSDP, state_bytes=adam_mini_theory,
     description="Adam-mini: one second moment per Hessian block (query/key: per head; value, attention output, MLP: "
                 "per output neuron; embedding/head: per token; 1-D: per tensor).",

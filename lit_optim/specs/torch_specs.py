@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from lit_optim import theory
-from lit_optim.registry import register
 from lit_optim.spec import OptimizerSpec
+
+SPECS: list[OptimizerSpec] = []  # in registry order; lit_optim/specs/all.py collects them
+register = SPECS.append
 
 # Hugging Face names take TrainingArguments' defaults where the class's differ (weight_decay 0.0, not AdamW's 0.01),
 # so a config with only lr builds what the Trainer builds (lit_optim.hf_args, tests/test_hf_parity.py).

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from lit_optim import theory
-from lit_optim.registry import register
 from lit_optim.spec import DDP, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
+
+SPECS: list[OptimizerSpec] = []  # in registry order; lit_optim/specs/all.py collects them
+register = SPECS.append
 
 _GPU_ONLY = frozenset({DDP, FSDP2, GRAD_CLIP, GRAD_ACCUM})
 _NOTE = "Only tensors with >= 4096 elements divisible by block_size get low-bit state; the rest keep fp32."
