@@ -1,0 +1,32 @@
+"""`lit-optim train` run in this process (Hydra's real entry point, `lit_optim.train.main`): under a second a run,
+instead of the seconds a fresh interpreter spends importing torch and Lightning."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+from lit_optim import train as train_mod
+
+# A small, quick run: the built-in tiny LM on CPU, a checkpoint every step, nothing but checkpointing.
+QUICK = ["logger=none", "callbacks=basic", "callbacks.lr_monitor=null", "validate=false", "trainer.accelerator=cpu",
+         "trainer.enable_progress_bar=false", "callbacks.checkpoint.every_n_train_steps=1",
+         "data.train_tokens=16384", "data.val_tokens=512", "data.batch_size=8"]
+
+
+def run_train(run_dir: Path, *overrides: str, quick: bool = True) -> tuple[int, str]:
+    """(exit code, stderr) of `lit-optim train hydra.run.dir=<run_dir> [QUICK] <overrides>`."""
+    argv = ["lit-optim", f"hydra.run.dir={run_dir}", *(QUICK if quick else []), *overrides]
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+        mp.setattr(sys, "argv", argv)
+        try:
+            train_mod.main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return code, err.getvalue()
