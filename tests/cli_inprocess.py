@@ -13,14 +13,14 @@ import pytest
 from lit_optim import train as train_mod
 
 # A small, quick run: the built-in tiny LM on CPU, a checkpoint every step, nothing but checkpointing.
-QUICK = ["logger=none", "callbacks=basic", "callbacks.lr_monitor=null", "validate=false", "trainer.accelerator=cpu",
+QUICK = ["callbacks=basic", "callbacks.lr_monitor=null", "validate=false", "trainer.accelerator=cpu",
          "trainer.enable_progress_bar=false", "callbacks.checkpoint.every_n_train_steps=1",
          "data.train_tokens=16384", "data.val_tokens=512", "data.batch_size=8"]
 
 
-def run_train(run_dir: Path, *overrides: str, quick: bool = True) -> tuple[int, str]:
-    """(exit code, stderr) of `lit-optim train hydra.run.dir=<run_dir> [QUICK] <overrides>`."""
-    argv = ["lit-optim", f"hydra.run.dir={run_dir}", *(QUICK if quick else []), *overrides]
+def run_train(run_dir: Path, *overrides: str, logger: str = "none") -> tuple[int, str]:
+    """(exit code, stderr) of `lit-optim train hydra.run.dir=<run_dir> logger=<logger> <QUICK> <overrides>`."""
+    argv = ["lit-optim", f"hydra.run.dir={run_dir}", f"logger={logger}", *QUICK, *overrides]
     err = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
         mp.setattr(sys, "argv", argv)
