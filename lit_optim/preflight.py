@@ -33,17 +33,28 @@ def check_accumulation(value: Any, key: str = "trainer.accumulate_grad_batches")
         )
 
 
-def check_data_fits_model(data: Mapping[str, Any], model_config: Mapping[str, Any]) -> None:
-    """The data module's token ids and sequence length against what the model can embed (`data` is its hparams)."""
+def check_data_fits_model(datamodule: Any, model_config: Mapping[str, Any]) -> None:
+    """A data module's token ids and sequence length against what the model can embed.
+
+    The ids come from its `token_vocab()` (the built-in modules: data.vocab_size, or the tokenizer's size), else from
+    its hparams' ``vocab_size``; the length from its hparams' ``seq_len``. Data modules with neither are not checked.
+    """
     from lit_optim.task.models import model_limits
 
+    hparams = getattr(datamodule, "hparams", None)
+    hparams = hparams if isinstance(hparams, Mapping) else {}
+    token_vocab = getattr(datamodule, "token_vocab", None)
+    if callable(token_vocab):
+        vocab, source = token_vocab()
+    else:
+        vocab, source = hparams.get("vocab_size"), f"data.vocab_size={hparams.get('vocab_size')}"
+    seq_len = hparams.get("seq_len")
     limits = model_limits(model_config)
-    vocab, seq_len = data.get("vocab_size"), data.get("seq_len")
     if isinstance(vocab, int) and isinstance(limits["vocab_size"], int) and vocab > limits["vocab_size"]:
         raise HyperparameterError(
-            f"data.vocab_size={vocab} is larger than model.vocab_size={limits['vocab_size']}: token ids up to "
-            f"{vocab - 1} would overflow the model's embedding. Set data.vocab_size <= {limits['vocab_size']} or "
-            f"raise model.vocab_size."
+            f"{source} is larger than model.vocab_size={limits['vocab_size']}: token ids up to {vocab - 1} would "
+            f"overflow the model's embedding. Use data with at most {limits['vocab_size']} token ids or raise "
+            f"model.vocab_size."
         )
     positions = limits["max_positions"]
     if isinstance(seq_len, int) and isinstance(positions, int) and seq_len > positions:

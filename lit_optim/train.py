@@ -75,7 +75,7 @@ def build_run(cfg: DictConfig):
         release_grads_after_step=cfg.get("release_grads_after_step", True),
     )
     datamodule = instantiate(cfg.data)
-    check_data_fits_model(getattr(datamodule, "hparams", {}), module.model_config)
+    check_data_fits_model(datamodule, module.model_config)
     named_callbacks = {name: instantiate(c) for name, c in (cfg.get("callbacks") or {}).items() if c}
     checkpoint_dirs = check_run_dirs(cfg, named_callbacks)
     # Resolved here, before the logger starts a run: `last` and `resume=` become a file, checked (see resume.py).

@@ -15,12 +15,15 @@ from lit_optim import train as train_mod
 # A small, quick run: the built-in tiny LM on CPU, a checkpoint every step, nothing but checkpointing.
 QUICK = ["callbacks=basic", "callbacks.lr_monitor=null", "validate=false", "trainer.accelerator=cpu",
          "trainer.enable_progress_bar=false", "callbacks.checkpoint.every_n_train_steps=1",
-         "data.train_tokens=16384", "data.val_tokens=512", "data.batch_size=8"]
+         "data.batch_size=8"]
+SMALL_SYNTHETIC = ["data.train_tokens=16384", "data.val_tokens=512"]  # generating the default corpus takes a while
 
 
 def run_train(run_dir: Path, *overrides: str, logger: str = "none") -> tuple[int, str]:
     """(exit code, stderr) of `lit-optim train hydra.run.dir=<run_dir> logger=<logger> <QUICK> <overrides>`."""
-    argv = ["lit-optim", f"hydra.run.dir={run_dir}", f"logger={logger}", *QUICK, *overrides]
+    synthetic = not any(o.startswith("data=") for o in overrides)
+    argv = ["lit-optim", f"hydra.run.dir={run_dir}", f"logger={logger}", *QUICK,
+            *(SMALL_SYNTHETIC if synthetic else []), *overrides]
     err = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
         mp.setattr(sys, "argv", argv)

@@ -93,7 +93,8 @@ def test_checkpoint_file_names_need_quotes(tmp_path):
     code, err = run_train(tmp_path / "unquoted", *RUN, "trainer.max_steps=3", f"ckpt_path={step1}")
     assert code == 1 and "mismatched input '='" in err  # Hydra's own error
 
-    code, err = run_train(tmp_path / "quoted", *RUN, "trainer.max_steps=3", f"ckpt_path='{step1}'")
+    # As the README writes it for the shell: 'ckpt_path="..."' reaches Hydra as ckpt_path="...".
+    code, err = run_train(tmp_path / "quoted", *RUN, "trainer.max_steps=3", f'ckpt_path="{step1}"')
     assert code == 0, err[-3000:]
     assert sorted(p.name for p in (tmp_path / "quoted" / "checkpoints").glob("epoch*.ckpt")) == [
         "epoch=0-step=2.ckpt", "epoch=0-step=3.ckpt"]

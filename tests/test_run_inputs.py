@@ -62,7 +62,7 @@ SIMPLE = {
                         "step; 1: no accumulation); got 0."),
     "data-vocab-larger": ("data.vocab_size=512",
                           "data.vocab_size=512 is larger than model.vocab_size=256: token ids up to 511 would overflow "
-                          "the model's embedding. Set data.vocab_size <= 256 or raise model.vocab_size."),
+                          "the model's embedding. Use data with at most 256 token ids or raise model.vocab_size."),
     "sequence-too-long": ("data.seq_len=256", "data.seq_len=256 is longer than the model's 128 positions "
                           "(model.max_seq_len). Lower data.seq_len or raise model.max_seq_len."),
     "heads-do-not-divide": ("model.n_heads=3", "model.n_heads=3 does not divide model.d_model=128: every head needs "
@@ -75,6 +75,15 @@ SIMPLE = {
 def test_bad_run_input_refused_before_step_one(tmp_path, case):
     override, message = SIMPLE[case]
     assert refused(tmp_path, override).startswith(message)
+
+
+def test_byte_tokens_against_a_smaller_model_vocabulary(tmp_path):
+    """The ids the data really holds (here UTF-8 bytes), not only the number data.vocab_size declares."""
+    (tmp_path / "notes.txt").write_text("some text " * 200)
+    assert refused(tmp_path, "data=text_file", f"data.path={tmp_path}/notes.txt", "data.vocab_size=256",
+                   "model.vocab_size=200") == (
+        "data.tokenizer=null (UTF-8 bytes: 256 token ids) is larger than model.vocab_size=200: token ids up to 255 "
+        "would overflow the model's embedding. Use data with at most 200 token ids or raise model.vocab_size.")
 
 
 def test_checkpoint_directory_under_a_file(tmp_path):

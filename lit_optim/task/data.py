@@ -106,6 +106,10 @@ class SyntheticTextDataModule(L.LightningDataModule):
                 raise HyperparameterError(f"data.{key} must be an integer >= 1; got {value!r}.")
         self.save_hyperparameters()
 
+    def token_vocab(self) -> tuple[int, str]:
+        """How many token ids the data can hold, and the setting that says so (checked against the model's)."""
+        return self.hparams.vocab_size, f"data.vocab_size={self.hparams.vocab_size}"
+
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
         tokens = markov_corpus(h.train_tokens + h.val_tokens, h.vocab_size, h.branching, h.seed)

@@ -66,8 +66,8 @@ class LanguageModelTask(OptimizerMixin, L.LightningModule):
         # With a Trainer of your own (lit-optim train checks this before building one): data the model cannot embed
         # would otherwise fail inside step 1.
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and isinstance(getattr(datamodule, "hparams", None), Mapping):
-            check_data_fits_model(datamodule.hparams, self.model_config)
+        if datamodule is not None:
+            check_data_fits_model(datamodule, self.model_config)
 
     def configure_model(self) -> None:
         if self.model is None:  # Lightning calls the hook again for every fit/validate/test, and on load
