@@ -55,3 +55,7 @@ class OutOfDeviceMemoryError(LitOptimError, RuntimeError):
     """The run did not fit the GPU (or the `max_device_memory_gib` budget); the message says what might."""
 
     exit_code = 3
+
+
+class UnwritablePathError(LitOptimError, PermissionError):
+    """An output or checkpoint directory the run could not write to (found before step 1, not at the first save)."""

@@ -6,6 +6,9 @@
 - bitsandbytes paged optimizers get their state put back into paged memory after a resume (its `load_state_dict`
   copies state into ordinary device tensors);
 - optimizers that step in backward log the gradient norm they measured (`grad_norm`);
+- every checkpoint records the optimizer it was written with (``checkpoint["lit_optim"]["optimizer"]``), so a resume
+  with another optimizer is refused before step 1 instead of failing in it; checkpoint directories are checked
+  writable when fit starts, not at the first save;
 - under automatic optimization, gradients are freed (set to None) at the end of every batch in which the optimizer
   stepped, unless the module says `release_grads_after_step = False`. Lightning zeroes them only in the next step's
   closure, after its forward, so
@@ -24,6 +27,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lit_optim.bnb_adapter import repage
 from lit_optim.checkpoint import install_checkpoint_io
+from lit_optim.preflight import check_writable
+from lit_optim.resume import RECORD_KEY, canonical_name
 
 
 def _built(trainer):
@@ -64,6 +69,16 @@ class OptimizerLifecycle(Callback):
                 register = getattr(opt, "register_step_post_hook", None)
                 if callable(register):
                     self._hooks.append(register(self._mark_stepped))
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:  # the rank that writes checkpoints
+            for callback in trainer.checkpoint_callbacks:
+                check_writable(getattr(callback, "dirpath", None), "ModelCheckpoint dirpath")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        name = (getattr(pl_module, "optim_config", None) or {}).get("name")
+        if name:
+            checkpoint[RECORD_KEY] = {"optimizer": canonical_name(name)}
 
     def _mark_stepped(self, optimizer, args, kwargs) -> None:
         self._stepped.append(optimizer)

@@ -7,7 +7,9 @@
 `optim` is a registry name or a mapping ``{"name": ..., **hyperparameters}`` (a Hydra node works too); `scheduler`
 is ``None`` (constant LR) or ``{"name": "cosine"|"linear"|"constant", "warmup_steps"|"warmup_ratio", "min_lr_ratio"}``.
 The request is validated when the module is constructed, and against the Trainer (strategy, clipping,
-accumulation, device) when optimizers are configured -- both before step 1.
+accumulation, device) when optimizers are configured -- both before step 1. A checkpoint being resumed is checked when
+Lightning hands it to `on_load_checkpoint`, before any of it is restored: it must hold this module's parameter shapes
+and state written by the same optimizer.
 
 Gradients are released (set to None) at the end of each batch whose optimizer stepped, as Hugging Face's Trainer
 does after its step (see `lifecycle.py`). Lightning only zeroes them inside the next step's closure, after its
@@ -27,7 +29,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lit_optim.build import _plain, build_optimizer, check_available, resolve_hyperparameters
 from lit_optim.errors import HyperparameterError, IncompatibleConfigError
 from lit_optim.lifecycle import OptimizerLifecycle
+from lit_optim.preflight import check_accumulation
 from lit_optim.registry import get_spec
+from lit_optim.resume import check_model, check_optimizer
 from lit_optim.scheduler import build_scheduler
 from lit_optim.spec import CPU, DDP, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
 
@@ -100,11 +104,13 @@ class OptimizerMixin:
             )
 
     def configure_optimizers(self):
+        trainer = self._trainer
+        if trainer is not None:
+            check_accumulation(trainer.accumulate_grad_batches, "Trainer(accumulate_grad_batches=...)")
         cfg = dict(self.optim_config)
         name = cfg.pop("name")
         optimizer = build_optimizer(self, name, **cfg)
         info = optimizer.lit_optim
-        trainer = self._trainer
         if trainer is not None:
             # Optimizers with their own Trainer requirements (in-backward) say so first, with specific reasons.
             check = getattr(optimizer, "check_trainer", None)
@@ -124,6 +130,21 @@ class OptimizerMixin:
             )
         scheduler = build_scheduler(optimizer, self.scheduler_config, int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning calls this with the loaded checkpoint before restoring anything from it; no second read.
+        super().on_load_checkpoint(checkpoint)
+        from lightning.pytorch.strategies import FSDPStrategy
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return  # load_from_checkpoint, validate, test: no optimizer state is restored
+
+        path = trainer.ckpt_path or "<checkpoint>"
+        check_optimizer(checkpoint, self.optim_config["name"], path)
+        if not isinstance(trainer.strategy, FSDPStrategy):  # FSDP1 holds flattened shards, not the model's shapes
+            check_model(checkpoint, self, path, strict=getattr(self, "strict_loading", True))
 
     def configure_callbacks(self):
         callbacks = super().configure_callbacks()

@@ -1,7 +1,9 @@
 """The Hydra entry point behind `lit-optim train`: config -> module, data, callbacks, logger, Trainer -> fit.
 
-Everything the config can get wrong is caught while the objects are built, before the Trainer starts. Lightning and
-the model code are imported only once Hydra has composed the config, so a bad override is reported without them.
+Everything the config can get wrong is caught while the objects are built, before the Trainer starts: the seed,
+accumulation, data against model (`lit_optim.preflight`), writable directories, and the checkpoint to resume from
+(`lit_optim.resume`). Lightning and the model code are imported only once Hydra has composed the config, so a bad
+override is reported without them.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -17,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lit_optim.errors import IncompatibleConfigError, LitOptimError, OutOfDeviceMemoryError
 from lit_optim.noise import quiet_import_noise
+from lit_optim.preflight import check_accumulation, check_data_fits_model, check_seed, check_writable
 
 quiet_import_noise()  # before any backend is imported
 
@@ -55,6 +59,8 @@ def build_run(cfg: DictConfig):
 
     from lit_optim.task.module import LanguageModelTask
 
+    check_seed(cfg.get("seed"))
+    check_accumulation(cfg.trainer.get("accumulate_grad_batches", 1))
     if str(cfg.trainer.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
         # Said before an 8B model is built on the CPU only for Lightning to refuse the GPU setting afterwards.
         raise IncompatibleConfigError(
@@ -69,7 +75,12 @@ def build_run(cfg: DictConfig):
         release_grads_after_step=cfg.get("release_grads_after_step", True),
     )
     datamodule = instantiate(cfg.data)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    check_data_fits_model(datamodule, module.model_config)
+    named_callbacks = {name: instantiate(c) for name, c in (cfg.get("callbacks") or {}).items() if c}
+    checkpoint_dirs = check_run_dirs(cfg, named_callbacks)
+    # Resolved here, before the logger starts a run: `last` and `resume=` become a file, checked (see resume.py).
+    cfg.ckpt_path = checked_ckpt_path(cfg, module, checkpoint_dirs)
+    callbacks = list(named_callbacks.values())
     if cfg.get("max_device_memory_gib") is not None:
         from lit_optim.callbacks.memory_budget import DeviceMemoryBudget
 
@@ -88,6 +99,48 @@ def build_run(cfg: DictConfig):
     if logger:
         trainer.logger.log_hyperparams({"config": _container(cfg)})
     return module, datamodule, trainer
+
+
+def check_run_dirs(cfg: DictConfig, named_callbacks: dict[str, Any]) -> list[str]:
+    """The run, logger and checkpoint directories can be written (not only at the first checkpoint); returns the
+    checkpoint directories."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    check_writable(cfg.get("output_dir"), "output_dir")
+    logger_cfg = cfg.get("logger")
+    if logger_cfg and logger_cfg.get("save_dir"):
+        check_writable(logger_cfg.save_dir, "logger.save_dir")
+    checkpoint_dirs = []
+    for name, callback in named_callbacks.items():
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            check_writable(callback.dirpath, f"callbacks.{name}.dirpath")
+            checkpoint_dirs.append(str(callback.dirpath))
+    return checkpoint_dirs
+
+
+def checked_ckpt_path(cfg: DictConfig, module, checkpoint_dirs: list[str]) -> str | None:
+    """`ckpt_path` (or `resume=<run dir>`'s last checkpoint, or `last`) as a file that exists, loads and was written
+    with this run's optimizer; None to start afresh."""
+    from lit_optim import resume
+
+    ckpt_path, run = cfg.get("ckpt_path"), cfg.get("resume")
+    output_dir = Path(str(cfg.get("output_dir") or ".")).resolve()
+    if ckpt_path is None and run:
+        ckpt_path = str(resume.resume_checkpoint(resume.find_run_dir(str(run)), output_dir, checkpoint_dirs))
+        log.info("resume=%s: resuming from %s", run, ckpt_path)
+    elif ckpt_path == "last":
+        found = resume.last_checkpoint(output_dir, checkpoint_dirs)
+        if found is None:
+            log.warning("ckpt_path=last: no last checkpoint in this run or an earlier one next to it (%s); "
+                        "training from scratch.", output_dir.parent)
+            return None
+        ckpt_path = str(found)
+        log.info("ckpt_path=last: resuming from %s", ckpt_path)
+    if ckpt_path is None or ckpt_path in ("hpc", "best", "registry") or str(ckpt_path).startswith("registry:"):
+        return ckpt_path  # Lightning's own special values
+    checkpoint = resume.read_checkpoint(ckpt_path)
+    resume.check_optimizer(checkpoint, module.optim_config["name"], ckpt_path)
+    return str(ckpt_path)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -122,22 +175,42 @@ def _config_path() -> str:
     return str(Path(__file__).resolve().parent.parent / "conf")
 
 
+def _lit_optim_cause(err: BaseException) -> LitOptimError | None:
+    # Hydra's instantiate wraps errors from the objects it builds (data module, callbacks): look through the chain.
+    cause = err
+    while cause is not None and not isinstance(cause, LitOptimError):
+        cause = cause.__cause__
+    return cause
+
+
+def _exit_with_message(cause: LitOptimError) -> None:
+    """A configuration problem, found before step 1: one line that names it and the fix, no traceback."""
+    print(f"lit-optim: {cause}", file=sys.stderr)
+    sys.exit(getattr(cause, "exit_code", 2))
+
+
 @hydra.main(version_base="1.3", config_path=_config_path(), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     except Exception as err:
-        # A configuration problem, found before step 1: one line that names it and the fix, no traceback. Hydra's
-        # instantiate wraps errors from the objects it builds (data module, callbacks), so look through the chain.
-        cause = err
-        while cause is not None and not isinstance(cause, LitOptimError):
-            cause = cause.__cause__
+        cause = _lit_optim_cause(err)
         if cause is None:
             raise
-        print(f"lit-optim: {cause}", file=sys.stderr)
-        sys.exit(getattr(cause, "exit_code", 2))
+        _exit_with_message(cause)
     # Returned for Hydra sweepers (e.g. optuna) that optimise a scalar.
     return metrics.get("val/loss", metrics.get("train/loss"))
+
+
+def main() -> float | None:
+    """`lit-optim train`: `resume=<run dir>` is expanded into that run's overrides before Hydra composes the config."""
+    from lit_optim.resume import expand_resume
+
+    try:
+        sys.argv = [sys.argv[0], *expand_resume(sys.argv[1:])]
+    except LitOptimError as err:
+        _exit_with_message(err)
+    return _hydra_main()
 
 
 if __name__ == "__main__":

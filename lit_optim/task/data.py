@@ -14,6 +14,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lit_optim.errors import HyperparameterError
+
 
 def markov_corpus(num_tokens: int, vocab_size: int, branching: int, seed: int) -> torch.Tensor:
     rng = random.Random(seed)
@@ -98,7 +100,15 @@ class SyntheticTextDataModule(L.LightningDataModule):
         val_tokens: int = 8192, branching: int = 4, seed: int = 1234, num_workers: int = 0,
     ) -> None:
         super().__init__()
+        for key, value in (("batch_size", batch_size), ("seq_len", seq_len), ("vocab_size", vocab_size)):
+            # DataLoader would refuse batch_size=0 only once the Trainer asks for the first batch.
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise HyperparameterError(f"data.{key} must be an integer >= 1; got {value!r}.")
         self.save_hyperparameters()
+
+    def token_vocab(self) -> tuple[int, str]:
+        """How many token ids the data can hold, and the setting that says so (checked against the model's)."""
+        return self.hparams.vocab_size, f"data.vocab_size={self.hparams.vocab_size}"
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams

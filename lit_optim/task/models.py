@@ -9,6 +9,8 @@ host memory never holds the weights.
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +31,8 @@ def check_model_config(config: Mapping[str, Any]) -> None:
     if arch not in ARCHS:
         raise HyperparameterError(f"Unknown model arch {arch!r}; choose one of {', '.join(map(repr, ARCHS))}.")
     if arch == "tiny":
+        _check_heads(cfg.get("d_model", _tiny_default("d_model")), cfg.get("n_heads", _tiny_default("n_heads")),
+                     "d_model", "n_heads")
         with torch.device("meta"):  # shapes and arguments only, no memory
             _tiny(cfg)
         return
@@ -36,6 +40,52 @@ def check_model_config(config: Mapping[str, Any]) -> None:
     _torch_dtype(cfg.get("dtype"))
     if cfg.get("pretrained"):
         _pretrained_dir(cfg["pretrained"])
+    shape = _llama_shape(cfg)
+    if shape.get("head_dim") is None:  # an explicit head_dim makes heads independent of the hidden size
+        _check_heads(shape["hidden_size"], shape["num_attention_heads"], "hidden_size", "num_attention_heads")
+    kv_heads = shape.get("num_key_value_heads") or shape["num_attention_heads"]
+    _check_heads(shape["num_attention_heads"], kv_heads, "num_attention_heads", "num_key_value_heads")
+
+
+def model_limits(config: Mapping[str, Any]) -> dict[str, int]:
+    """What the data must fit: the token-id range (``vocab_size``) and the longest sequence (``max_positions``)."""
+    cfg = dict(config)
+    if cfg.pop("arch", "tiny") == "tiny":
+        return {"vocab_size": cfg.get("vocab_size", _tiny_default("vocab_size")),
+                "max_positions": cfg.get("max_seq_len", _tiny_default("max_seq_len")),
+                "positions_key": "max_seq_len"}
+    shape = _llama_shape(cfg)
+    return {"vocab_size": shape["vocab_size"], "max_positions": shape["max_position_embeddings"],
+            "positions_key": "max_position_embeddings"}
+
+
+def _tiny_default(name: str) -> Any:
+    return inspect.signature(TinyLM).parameters[name].default
+
+
+def _check_heads(size: Any, heads: Any, size_key: str, heads_key: str) -> None:
+    if isinstance(size, int) and isinstance(heads, int) and heads > 0 and size % heads:
+        divisors = [h for h in range(1, min(size, 64) + 1) if size % h == 0][-4:]
+        raise HyperparameterError(
+            f"model.{heads_key}={heads} does not divide model.{size_key}={size}: every head needs an equal share. "
+            f"Use a {heads_key} that divides {size} (e.g. {', '.join(map(str, divisors))})."
+        )
+
+
+def _llama_shape(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The shape settings a Llama is built with: its weights directory's config.json, else the config's own keys."""
+    if cfg.get("pretrained"):
+        # `_build_llama` takes the shape of pretrained weights from their config.json and ignores the other keys.
+        path = os.path.join(_pretrained_dir(cfg["pretrained"]), "config.json")
+        if not os.path.isfile(path):
+            raise MissingPathError(f"model.pretrained={str(cfg['pretrained'])!r} has no config.json; it is not a "
+                                   "Hugging Face model directory.")
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    defaults = _transformers().LlamaConfig()  # a plain config object: no weights
+    keys = ("vocab_size", "max_position_embeddings", "hidden_size", "num_attention_heads", "num_key_value_heads",
+            "head_dim")
+    return {k: cfg.get(k, None if k == "head_dim" else getattr(defaults, k, None)) for k in keys}
 
 
 def build_model(config: Mapping[str, Any]) -> nn.Module:
@@ -51,7 +101,7 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
 def _tiny(cfg: dict[str, Any]) -> nn.Module:
     try:
         return TinyLM(**cfg)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise HyperparameterError(f"model (arch=tiny): {err}") from None
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from lit_optim.build import _plain
 from lit_optim.mixin import OptimizerMixin
+from lit_optim.preflight import check_data_fits_model
 from lit_optim.task.models import build_model, check_model_config
 
 
@@ -60,6 +61,13 @@ class LanguageModelTask(OptimizerMixin, L.LightningModule):
             for p in self.parameters():
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
                 p.grad = None
+
+    def setup(self, stage: str) -> None:
+        # With a Trainer of your own (lit-optim train checks this before building one): data the model cannot embed
+        # would otherwise fail inside step 1.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            check_data_fits_model(datamodule, self.model_config)
 
     def configure_model(self) -> None:
         if self.model is None:  # Lightning calls the hook again for every fit/validate/test, and on load

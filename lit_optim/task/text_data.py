@@ -140,6 +140,13 @@ class TextFileDataModule(SyntheticTextDataModule):
             rank_zero_warn(f"data.tokenizer=null: UTF-8 bytes as tokens, 256 of the model's {vocab_size} ids. Set "
                            "data.tokenizer (or model.pretrained) to a local tokenizer directory for real tokens.")
 
+    def token_vocab(self) -> tuple[int, str]:
+        if self.tokenizer is not None:
+            return len(self.tokenizer), f"the tokenizer of data.tokenizer ({len(self.tokenizer)} tokens)"
+        if self.files is not None:
+            return 256, "data.tokenizer=null (UTF-8 bytes: 256 token ids)"
+        return super().token_vocab()
+
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             return list(text.encode("utf-8"))
