@@ -36,6 +36,9 @@ def quiet_import_noise() -> None:
     # once per run; torch's pytree deprecates an isinstance check Lightning's own code makes.
     warnings.filterwarnings("ignore", message=r".*does not implement _stable_hash_for_caching")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Lightning's LR monitor copies torchao's and schedule-free's tensor learning rates with torch.tensor(tensor).
+    warnings.filterwarnings("ignore", message="To copy construct from a tensor",
+                            module="lightning.pytorch.callbacks.lr_monitor")
     # Lightning advertises its cloud logger at every Trainer start.
     _add_filter_once("lightning.pytorch.utilities.rank_zero", "💡 Tip:")
 

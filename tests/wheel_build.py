@@ -89,3 +89,15 @@ def installed_env(workdir: Path) -> Path:
               str(wheel)])
         _CACHE["python"] = python
     return _CACHE["python"]
+
+
+def editable_env(workdir: Path) -> Path:
+    """A virtual environment's python with a copy of the checkout installed as the README's set-up does it:
+    `pip install -e .` (setuptools' default editable mode, whose packages Hydra's plugin scan cannot see)."""
+    if "editable_python" not in _CACHE:
+        src = copy_checkout(workdir / "src")
+        python = make_env(workdir / "venv")
+        _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-build-isolation",
+              "--no-index", "-q", "-e", str(src)])
+        _CACHE["editable_python"] = python
+    return _CACHE["editable_python"]
