@@ -2,7 +2,7 @@
 
 torch starts one intra-op thread per core. On the built-in model (0.5M parameters, 64 x 128 activations per
 sequence) each operation is too small to split, and the threads spin waiting for each other: on a two-core machine
-shared with other work, the README's default run took 2:50 to 7:17 with torch's threads and 24 s with one. Small
+shared with other work, the README's default run took 2 min 50 s with torch's two threads and 20-24 s with one. Small
 models trained on the CPU therefore get one thread; a user's ``OMP_NUM_THREADS`` or ``torch_threads=N`` wins.
 """
 
