@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -64,17 +65,30 @@ def base_url() -> str:
         return DEFAULT_BASE_URL
 
 
-def has_credentials(host: str) -> bool:
-    """An API key in the environment, an identity token, or a netrc entry for `host` (where `wandb login` puts it)."""
+def has_credentials(url: str) -> bool:
+    """An API key in the environment, an identity token, or a netrc entry for the server at `url` (where `wandb
+    login` puts it), looked up as wandb looks it up where this wandb shows how."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
+    try:
+        # wandb's own lookup also accepts a key saved for the server its default URL stands in for (api.wandb.ai).
+        from wandb.sdk.lib.wbauth.wbnetrc import read_netrc_auth
+    except ImportError:  # another wandb version: the netrc file by hand
+        pass
+    else:
+        try:
+            return read_netrc_auth(host=url) is not None
+        except Exception:  # noqa: BLE001 - an entry wandb cannot read: let wandb itself say what is wrong with it
+            return True
+    parsed = urlparse(url)
     paths = [os.environ["NETRC"]] if os.environ.get("NETRC") else [Path.home() / ".netrc", Path.home() / "_netrc"]
     for path in paths:
         try:
-            if netrc.netrc(path).authenticators(host):
-                return True
+            entries = netrc.netrc(path)
         except (OSError, netrc.NetrcParseError):
             continue
+        if any(entries.authenticators(h) for h in (parsed.netloc, parsed.hostname, "api.wandb.ai") if h):
+            return True
     return False
 
 
@@ -100,16 +114,18 @@ def online_problem(timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """Why an online W&B run cannot start here (no credentials, server unreachable), or None if it can."""
     url = base_url()
     parsed = urlparse(url if "://" in url else f"https://{url}")
-    host = parsed.hostname or ""
-    if not has_credentials(host):
-        return f"not logged in to {url} (no WANDB_API_KEY and no netrc entry for {host}; `wandb login` adds one)"
-    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-                  if os.environ.get(k)), None)
+    if not has_credentials(parsed.geturl()):
+        return (f"not logged in to {url} (no WANDB_API_KEY and no netrc entry for {parsed.netloc}; `wandb login` "
+                "adds one)")
+    # Through a proxy (the *_PROXY variables, as wandb's HTTP client reads them), the proxy is what must answer.
+    proxies = urllib.request.getproxies_environment()
+    proxy = None if urllib.request.proxy_bypass_environment(parsed.hostname or "", proxies) else (
+        proxies.get(parsed.scheme) or proxies.get("all"))
     target = urlparse(proxy if proxy and "://" in proxy else f"http://{proxy}") if proxy else parsed
     port = target.port or (443 if target.scheme == "https" else 80)
     if not reachable(target.hostname or "", port, timeout):
         via = f" through the proxy {target.hostname}:{port}" if proxy else ""
-        return f"{url} cannot be reached{via} within {timeout:g} s"
+        return f"{url} cannot be reached{via} (tried for up to {timeout:g} s)"
     return None
 
 

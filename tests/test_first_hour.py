@@ -184,7 +184,11 @@ def test_online_problem_names_the_fix_when_not_logged_in(monkeypatch, tmp_path):
     assert "not logged in" in wandb_start.online_problem() and "wandb login" in wandb_start.online_problem()
     (tmp_path / "netrc").write_text("machine api.example.invalid login user password " + "k" * 40 + "\n")
     (tmp_path / "netrc").chmod(0o600)
-    assert wandb_start.has_credentials("api.example.invalid")
+    assert wandb_start.has_credentials("https://api.example.invalid")
+    # A key saved by `wandb login` for api.wandb.ai counts for wandb's default server too, as wandb counts it.
+    monkeypatch.delenv("WANDB_BASE_URL")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
+    assert wandb_start.has_credentials(wandb_start.base_url())
 
 
 def test_probe_gives_up_after_its_timeout_even_when_connect_hangs(monkeypatch):
