@@ -151,7 +151,7 @@ def wandb_logger(cfg) -> Any:
     logger = instantiate(cfg, **overrides)
     init = getattr(logger, "_wandb_init", None)
     if isinstance(init, dict) and init.get("anonymous") is None:
-        # Lightning always passes anonymous=None, and wandb >= 0.19 warns at every start that the setting is gone.
+        # Lightning always passes anonymous=None, and recent wandb (0.31) warns at every start that it has no effect.
         init.pop("anonymous", None)
     return logger
 
