@@ -31,11 +31,18 @@ __all__ = [
     "UnknownOptimizerError",
     "UnsupportedOptimizerError",
     "build_optimizer",
+    "callbacks",
     "describe",
     "from_hf_training_args",
     "get_spec",
     "list_optimizers",
+    "wandb_offline",
 ]
+
+
+# Submodules reachable as attributes after a plain `import lit_optim` (`lit_optim.callbacks.default_monitors()`),
+# imported on first use: the callbacks need Lightning, and `import lit_optim` stays light without it.
+_LAZY_SUBMODULES = ("callbacks", "wandb_offline")
 
 
 def __getattr__(name: str):
@@ -44,4 +51,12 @@ def __getattr__(name: str):
         from lit_optim.mixin import OptimizerMixin
 
         return OptimizerMixin
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"lit_optim.{name}")
     raise AttributeError(f"module 'lit_optim' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "OptimizerMixin", *_LAZY_SUBMODULES])

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lit_optim.errors import IncompatibleConfigError, LitOptimError, OutOfDeviceMemoryError
-from lit_optim.noise import quiet_import_noise
+from lit_optim.noise import one_copy_of_each_line, quiet_import_noise
 from lit_optim.preflight import check_accumulation, check_data_fits_model, check_seed, check_writable
 
 quiet_import_noise()  # before any backend is imported
@@ -43,7 +43,9 @@ def build_logger(cfg: DictConfig | None):
             rank_zero_warn("logger=wandb but wandb is not installed (pip install wandb); logging to CSV instead.")
             return L.pytorch.loggers.CSVLogger(save_dir=cfg.get("save_dir") or ".", name="csv")
         try:
-            logger = instantiate(cfg)
+            from lit_optim.wandb_start import wandb_logger
+
+            logger = wandb_logger(cfg)  # named after the job; offline at once when the server cannot be used
             _ = logger.experiment  # starts the run now, so a failure surfaces here and not mid-training
             return logger
         except Exception as err:  # noqa: BLE001 - W&B must never stop training
@@ -146,7 +148,12 @@ def checked_ckpt_path(cfg: DictConfig, module, checkpoint_dirs: list[str]) -> st
 def train(cfg: DictConfig) -> dict[str, float]:
     import torch
 
+    from lit_optim.run_summary import print_run_summary
+    from lit_optim.threads import CpuThreads
+
+    one_copy_of_each_line()  # Hydra has set up logging by now
     module, datamodule, trainer = build_run(cfg)
+    trainer.callbacks.append(CpuThreads(cfg.get("torch_threads")))
     if not cfg.get("validate", True):
         trainer.limit_val_batches = 0
     module.release_after_fit = True  # nothing in this process uses the weights after fit (see the module's hook)
@@ -159,6 +166,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             out_of_memory_message(cfg.get("max_device_memory_gib"), module.optim_config.get("name"))) from err
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("final metrics: %s", metrics)
+    print_run_summary(trainer, cfg)
     return metrics
 
 

@@ -106,6 +106,7 @@ class OfflineRun:
 
     path: Path
     run_id: str = ""
+    name: str = ""  # the run's display name
     history: list[dict[str, Any]] = field(default_factory=list)  # one dict per logged row
     config: dict[str, Any] = field(default_factory=dict)  # merged config updates (values JSON-decoded)
     summary: dict[str, Any] = field(default_factory=dict)  # merged summary updates, if any were written
@@ -120,6 +121,7 @@ class OfflineRun:
             run.record_types[kind] = run.record_types.get(kind, 0) + 1
             if kind == "run":
                 run.run_id = record.run.run_id
+                run.name = record.run.display_name
                 for item in record.run.config.update:
                     _assign(run.config, item)
             elif kind == "history":

@@ -5,6 +5,8 @@ pyproject.toml's hand-written `packages` list names every package directory.
 
 from __future__ import annotations
 
+import re
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -81,3 +83,45 @@ def test_pyproject_packages_cover_every_package_directory():
         assert source_dir(package).is_dir(), f"{package}: no directory {source_dir(package)}"
     assert {"lit_optim.conf", "lit_optim.conf.recipe"} <= listed
     assert source_dir("lit_optim.conf") == REPO / "conf" and source_dir("lit_optim.conf.recipe") == REPO / "recipes"
+
+
+def test_throwaway_env_sees_the_packages_of_the_virtualenv_it_is_made_from(tmp_path):
+    """The suite run from a virtual environment: the env `wheel_build` makes for the installed-wheel tests must see
+    that environment's packages (Hydra, torch ...), not only its base interpreter's."""
+    outer = wheel_build.make_env(tmp_path / "outer")  # a virtualenv, with a package only it has
+    own = subprocess.run([str(outer), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    (Path(own) / "only_in_the_outer_venv.py").write_text("")
+    make_inner = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); import wheel_build; "
+                  f"from pathlib import Path; print(wheel_build.make_env(Path({str(tmp_path / 'inner')!r})))")
+    proc = subprocess.run([str(outer), "-c", make_inner], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    inner = proc.stdout.strip()
+    check = "import sys, only_in_the_outer_venv, hydra; print(sys.prefix != sys.base_prefix)"
+    proc = subprocess.run([inner, "-c", check], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True"  # and it is a virtual environment of its own
+
+
+def test_the_all_extra_installs_what_every_logger_config_needs():
+    """`pip install -e '.[all]'` then `logger=tensorboard` (or any conf/logger/) must not fail on a missing package."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def names(requirements: list[str]) -> set[str]:
+        out = set()
+        for req in requirements:
+            name, _, inner = re.match(r"([A-Za-z0-9_.-]+)(\[([^\]]*)\])?", req).groups()
+            if name == "lit-optim":
+                for extra in inner.split(","):
+                    out |= names(extras[extra.strip()])
+            else:
+                out.add(name.lower())
+        return out
+
+    installed = names(project["dependencies"]) | names(extras["all"])
+    needs = {"WandbLogger": "wandb", "TensorBoardLogger": "tensorboard", "CSVLogger": "lightning"}
+    for path in (REPO / "conf" / "logger").glob("*.yaml"):
+        target = re.search(r"_target_:\s*\S+\.(\w+)", path.read_text())
+        if target:
+            assert needs[target.group(1)] in installed, f"{path.name}: add {needs[target.group(1)]} to the all extra"

@@ -4,11 +4,18 @@ The wheel is built from a copy of the checkout (git's tracked and untracked-but-
 leaves nothing behind in the working tree and sees exactly what a clean checkout would. The environment shares this
 interpreter's site-packages (torch, Hydra, ...) but has its own lit_optim, so code run there uses the *installed*
 package -- including the Hydra plugin, which an editable install does not expose outside the repository.
+
+"This interpreter's site-packages" are the ones it imports from: inside a virtual environment, the environment's own.
+(`venv`'s ``system_site_packages=True`` would give the *base* interpreter's instead, which in a virtual environment
+lacks torch and Hydra.) A ``.pth`` file in the new environment adds them with `site.addsitedir`, after its own
+site-packages, and their ``.pth`` files are processed as at start-up.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -55,14 +62,42 @@ def build_wheel(workdir: Path) -> Path:
     return _CACHE["wheel"]
 
 
+def site_dirs() -> list[str]:
+    """The site-packages directories this interpreter imports from (a virtual environment's own when in one)."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def make_env(env_dir: Path) -> Path:
+    """A new virtual environment that sees this interpreter's packages after its own; returns its python."""
+    venv.EnvBuilder(system_site_packages=False, with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    own = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+    adds = "; ".join(f"site.addsitedir({d!r})" for d in site_dirs())
+    (Path(own) / "_lit_optim_test_parent_site.pth").write_text(f"import site; {adds}\n")
+    return python
+
+
 def installed_env(workdir: Path) -> Path:
     """A virtual environment's python with the wheel installed (dependencies from this interpreter's environment)."""
     if "python" not in _CACHE:
         wheel = build_wheel(workdir)
-        env_dir = workdir / "venv"
-        venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
-        python = env_dir / "bin" / "python"
+        python = make_env(workdir / "venv")
         _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
               str(wheel)])
         _CACHE["python"] = python
     return _CACHE["python"]
+
+
+def editable_env(workdir: Path) -> Path:
+    """A virtual environment's python with a copy of the checkout installed as the README's set-up does it:
+    `pip install -e .` (setuptools' default editable mode, whose packages Hydra's plugin scan cannot see)."""
+    if "editable_python" not in _CACHE:
+        src = copy_checkout(workdir / "src")
+        python = make_env(workdir / "venv")
+        _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-build-isolation",
+              "--no-index", "-q", "-e", str(src)])
+        _CACHE["editable_python"] = python
+    return _CACHE["editable_python"]
