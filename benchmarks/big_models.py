@@ -127,7 +127,10 @@ def run_row(label: str, overrides: list[str], workdir: Path, env: dict[str, str]
             proc.returncode = os.waitstatus_to_exitcode(status) if pid else -9
     wall = time.time() - start
     text = (workdir / f"{rundir.name}.log").read_text(errors="replace")
-    error = next((line for line in reversed(text.splitlines()) if line.startswith("lit-optim:")), None)
+    # A failed run's last "lit-optim:" line is its one-line reason (a finished run's summary lines start so too).
+    error = None
+    if proc.returncode != 0:
+        error = next((line for line in reversed(text.splitlines()) if line.startswith("lit-optim:")), None)
     if error is None and proc.returncode != 0:
         error = next((line for line in reversed(text.splitlines()) if "Error" in line), "failed")
     # The CSV logger's folder is the run's logger name (recipes name theirs): take whichever metrics.csv is there.

@@ -25,6 +25,7 @@ from lit_optim.builders.construct import (
 )
 from lit_optim.builders.in_backward import build_in_backward, check_in_backward_options, in_backward_spec
 from lit_optim.builders.offload import build_offloaded, check_offload_options
+from lit_optim.builders.values import check_quantized, check_rank, check_values
 from lit_optim.compile_cache import prepare_for as prepare_compile_cache
 from lit_optim.errors import HyperparameterError
 from lit_optim.nesting import leaves
@@ -155,9 +156,7 @@ def resolve_hyperparameters(spec: OptimizerSpec, hyperparameters: Mapping[str, A
                if d is inspect.Parameter.empty and k not in kwargs and k not in spec.fixed]
     if missing:
         raise HyperparameterError(f"Optimizer {spec.name!r} needs hyperparameter(s) {missing}; none were given.")
-    lr = kwargs.get("lr", accepted.get("lr"))
-    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr < 0:
-        raise HyperparameterError(f"Optimizer {spec.name!r}: lr must be >= 0, got {lr}.")
+    check_values(spec, kwargs)  # the same ranges for every backend, before any constructor sees them
     return kwargs, group_opts
 
 
@@ -199,6 +198,9 @@ def build_optimizer(
     # The one decision on 32-bit state: every path below (plain, composite, offload, in backward) reads it here.
     fp32 = embedding_params(plan) if group_opts.get("embedding_state_32bit") else ()
     context = BuildContext(plan, lookup=get_spec, fp32_state_params=fp32)
+    defaults = {k: v for k, v in accepted.items() if v is not inspect.Parameter.empty}
+    check_quantized(spec, {**defaults, **kwargs}, [p for g in plan.groups for p in g["params"]],
+                    user_keys=hyperparameters, fp32=fp32)
     ctor_kwargs = {**kwargs, **spec.fixed}
     built_spec = spec
     if group_opts.get("offload"):
@@ -210,6 +212,7 @@ def build_optimizer(
         built_spec = in_backward_spec(spec)
     else:
         optimizer = construct(spec, plan.groups, ctor_kwargs, context)  # checked against the name's claims
+    check_rank(spec, optimizer, user_keys=hyperparameters)
     info = BuildInfo(spec.name, built_spec, {**kwargs, "weight_decay": wd}, plan,
                      embedding_32bit_params=_kept_32bit(optimizer, fp32))
     if group_opts.get("offload"):

@@ -54,9 +54,14 @@ def one_copy_of_each_line() -> None:
     """
     import lightning  # noqa: F401 - adds the handler this removes
 
-    if logging.getLogger().handlers:
+    root = logging.getLogger()
+    if root.handlers:
         lit_logger = logging.getLogger("lightning")
         for handler in list(lit_logger.handlers):
             if type(handler) is logging.StreamHandler:
                 lit_logger.removeHandler(handler)
-    _add_filter_once("lit_optim", "lit_optim built ")
+    # On the handlers Hydra made for this job, not on the logger: a library caller of build_optimizer in the same
+    # process (a test, a notebook) still gets the line.
+    for handler in root.handlers:
+        if not any(isinstance(f, _DropMessages) for f in handler.filters):
+            handler.addFilter(_DropMessages("lit_optim built "))

@@ -74,7 +74,18 @@ def classify(
     no_decay: Iterable[str] = (),
 ) -> tuple[list[ParamInfo], list[str], nn.Module | None]:
     """Classify trainable parameters; returns (infos in model order, frozen names, model or None)."""
-    extra = [re.compile(p) for p in no_decay]
+    if isinstance(no_decay, str):
+        no_decay = [no_decay]  # one pattern, not its characters (`+optim.no_decay=bias` on the command line)
+    if not isinstance(no_decay, Iterable):
+        raise HyperparameterError(f"no_decay must be a regex or a list of regexes of parameter names, e.g. "
+                                  f"[bias, norm]; got {no_decay!r}.")
+    extra = []
+    for pattern in no_decay:
+        try:
+            extra.append(re.compile(pattern))
+        except (re.error, TypeError) as err:
+            raise HyperparameterError(f"no_decay: {pattern!r} is not a regular expression ({err}); give a regex or "
+                                      "a list of them, e.g. [bias, norm].") from None
     if isinstance(model_or_named_params, nn.Module):
         model = model_or_named_params
         owner: dict[int, nn.Module] = {}
@@ -94,6 +105,9 @@ def classify(
                 "build_optimizer needs an nn.Module or (name, parameter) pairs, e.g. model.named_parameters(); "
                 f"got an iterable of {type(named[0]).__name__}."
             )
+    # A tensor listed twice (a tied weight under two names) is one parameter: stepped once, in its first place.
+    seen: set[int] = set()
+    named = [(n, p) for n, p in named if not (id(p) in seen or seen.add(id(p)))]
     head_ids = {id(out_emb.weight)} if isinstance(out_emb, nn.Module) and hasattr(out_emb, "weight") else set()
     infos, frozen = [], []
     for name, p in named:
@@ -128,10 +142,13 @@ def build_param_groups(
     if not infos:
         raise HyperparameterError(
             "The model has no trainable parameters (all requires_grad=False): nothing to optimize.")
+    if lr_scales is not None and not isinstance(lr_scales, Mapping):
+        raise HyperparameterError(f"lr_scales must map parameter kinds to multipliers, e.g. {{embedding: 0.1}}; "
+                                  f"got {lr_scales!r}.")
     scales = dict(lr_scales or {})
     for key, value in scales.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise HyperparameterError(f"lr_scales[{key!r}] must be a non-negative number, got {value!r}.")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise HyperparameterError(f"lr_scales[{key!r}] must be a non-negative finite number, got {value!r}.")
     patterns = {k: re.compile(k) for k in scales if k not in (EMBEDDING, HEAD)}
 
     def selector(info: ParamInfo) -> str | None:

@@ -47,6 +47,8 @@ PYTHON_BLOCKS = {
     "def configure_model(self):": "test_readme_python_snippets_run",
     'lit_optim.build_optimizer(model, "galore_adamw"': "test_readme_python_snippets_run",
 }
+# The run directory the README's resume example continues (made by the command just before it).
+README_RUN_DIR = "outputs/2026-12-06/07-08-26"
 # Overrides that shrink every `lit-optim train` of the README to a couple of CPU steps (a value the command sets is
 # replaced, so e.g. trainer.max_steps=100 runs 2 steps).
 SMALL = {
@@ -134,6 +136,9 @@ def test_readme_commands_run_at_small_size(tmp_path):
     from lit_optim.wandb_offline import OfflineRun
 
     commands = [shrunk(c[1:], i) for i, c in enumerate(readme_lit_optim_commands())]
+    # The resume example names the run directory the command before it made; here that is its run<index>.
+    for i, args in enumerate(commands):
+        commands[i] = [a.replace(f"={README_RUN_DIR}", f"=run{i - 1}") for a in args]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "readme_commands.py"), json.dumps(commands)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -219,11 +219,11 @@ def test_hyperparameter_of_the_wrong_type(name, hp, expected):
 
 
 def test_negative_lr_and_bad_group_options():
-    with pytest.raises(HyperparameterError, match="lr must be >= 0"):
+    with pytest.raises(HyperparameterError, match="learning rate must be >= 0"):
         lit_optim.build_optimizer(small_model(), "adamw_torch", lr=-1e-3)
     with pytest.raises(HyperparameterError, match="match no trainable parameter"):
         lit_optim.build_optimizer(small_model(), "adamw_torch", lr_scales={"embedding": 0.1})
-    with pytest.raises(HyperparameterError, match="non-negative number"):
+    with pytest.raises(HyperparameterError, match="non-negative finite number"):
         lit_optim.build_optimizer(small_model(), "adamw_torch", lr_scales={"0": -1})
     with pytest.raises(HyperparameterError, match="needs a 'name'"):
         LanguageModelTask(model=TINY_MODEL, optim={"lr": 1e-3})

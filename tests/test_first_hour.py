@@ -46,6 +46,8 @@ def lit_optim(cwd: Path, *args: str, env: dict | None = None, timeout: int = 300
     code = "import sys; from lit_optim.cli import main; sys.exit(main())"
     base = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     base.pop("WANDB_SILENT", None)  # W&B's own messages stay, as a user sees them
+    # A user's shell has no OMP_NUM_THREADS; Lightning's DDP launcher sets it in the test process (other tests).
+    base.pop("OMP_NUM_THREADS", None)
     base.update(env or {})
     cwd.mkdir(parents=True, exist_ok=True)
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True,

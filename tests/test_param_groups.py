@@ -195,7 +195,7 @@ def test_named_parameters_without_a_module():
 def test_errors_in_group_options():
     with pytest.raises(HyperparameterError, match=r"lr_scales selectors \['nothing_here'\] match no trainable"):
         lit_optim.build_optimizer(Model(), "adamw_torch", lr_scales={"nothing_here": 0.5})
-    with pytest.raises(HyperparameterError, match="must be a non-negative number"):
+    with pytest.raises(HyperparameterError, match="must be a non-negative finite number"):
         lit_optim.build_optimizer(Model(), "adamw_torch", lr_scales={"embedding": "x"})
     frozen = nn.Linear(4, 4).requires_grad_(False)
     with pytest.raises(HyperparameterError, match="no trainable parameters"):

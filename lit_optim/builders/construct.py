@@ -13,6 +13,7 @@ from lit_optim.bnb_adapter import private_override_manager
 from lit_optim.errors import (
     BackendNotInstalledError,
     DeviceRequirementError,
+    HyperparameterError,
     LitOptimError,
 )
 from lit_optim.param_groups import GroupPlan, ParamInfo
@@ -119,10 +120,18 @@ def construct(spec: OptimizerSpec, groups: list[dict], kwargs: Mapping[str, Any]
     offload. Of ``context.fp32_state_params``, those in `groups` keep 32-bit state (bitsandbytes only).
     """
     ctor = {**spec.defaults, **dict(kwargs), **spec.fixed}
-    if spec.builder is not None:
-        opt = spec.builder(groups, spec, ctor, context)
-    else:
-        opt = spec.load_class()(groups, **ctor)
+    try:
+        if spec.builder is not None:
+            opt = spec.builder(groups, spec, ctor, context)
+        else:
+            opt = spec.load_class()(groups, **ctor)
+    except LitOptimError:
+        raise
+    except (ValueError, TypeError) as err:
+        # What a backend's constructor refuses (its own range checks), said as ours: the name and the values.
+        shown = {k: v for k, v in ctor.items() if not isinstance(v, (list, dict))}
+        raise HyperparameterError(f"Optimizer {spec.name!r} ({spec.target.replace(':', '.')}) refused its "
+                                  f"hyperparameters {shown}: {err}") from err
     if spec.backend == "bitsandbytes":
         mine = {id(p) for g in groups for p in g["params"]}
         fp32 = [p for p in (context.fp32_state_params if context else ()) if id(p) in mine]

@@ -1,0 +1,193 @@
+"""A battery of bad optimizer inputs: every one refused before step 1 with one line naming the problem, or working.
+
+Run through `lit_optim.build_optimizer` (what the mixin and `lit-optim train` call) for every backend family, and a
+sample through `lit-optim train` itself. Run-level inputs (seed, accumulation, data against model, directories,
+checkpoints) are in tests/test_run_inputs.py.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lit_optim
+from lit_optim.errors import LitOptimError
+
+# One name per family: torch, bitsandbytes (8-bit, paged), torchao (8/4-bit), lit_optim's own (Adafactor, GaLore,
+# APOLLO, Adam-mini, in-backward).
+FAMILIES = ["adamw_torch", "sgd", "adamw_8bit", "paged_adamw_8bit", "adamw_torch_8bit", "adamw_torch_4bit",
+            "adafactor", "galore_adamw", "apollo_adamw", "adam_mini", "galore_adamw_layerwise", "lomo"]
+
+
+class Net(nn.Module):
+    """Big enough that the 8-bit names quantize (tensors of >= 4096 elements); heads for Adam-mini."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(128, 64)
+        self.up = nn.Linear(64, 128)
+        self.down = nn.Linear(128, 64)
+        self.head = nn.Linear(64, 128, bias=False)
+        self.n_heads = 4
+
+    def forward(self, x):
+        return self.head(self.down(torch.relu(self.up(self.embed(x)))))
+
+
+def refused(name: str, match: str, **hp) -> str:
+    """build_optimizer must raise lit_optim's error, in one line, containing `match`; returns the message."""
+    with pytest.raises(LitOptimError) as info:
+        lit_optim.build_optimizer(Net(), name, **hp)
+    message = str(info.value)
+    assert "\n" not in message and match in message, message
+    return message
+
+
+CASES: list[tuple[str, dict, str]] = []
+for _name in FAMILIES:
+    for _lr in (math.nan, math.inf, -1e-3):
+        CASES.append((_name, {"lr": _lr}, "lr="))
+    CASES.append((_name, {"lr": "fast"}, "wrong type"))
+for _name in ("adamw_torch", "adamw_8bit", "adamw_torch_8bit", "galore_adamw", "adam_mini"):
+    CASES += [
+        (_name, {"betas": (1.0, 0.999)}, "must be in [0, 1)"),
+        (_name, {"betas": (0.9, 1.5)}, "must be in [0, 1)"),
+        (_name, {"betas": (-0.1, 0.999)}, "must be in [0, 1)"),
+        (_name, {"betas": (0.9,)}, "a list of 2 values"),
+        (_name, {"eps": 0.0}, "must be > 0"),
+        (_name, {"eps": -1e-8}, "must be > 0"),
+        (_name, {"weight_decay": -0.1}, "must be >= 0"),
+        (_name, {"weight_decay": math.nan}, "not a finite number"),
+    ]
+CASES += [
+    ("sgd", {"momentum": -0.5}, "must be in [0, 1)"),
+    ("sgd", {"momentum": 1.5}, "must be in [0, 1)"),
+    ("adamw_torch_8bit", {"block_size": 100}, "would quantize no tensor"),
+    ("adamw_torch_4bit", {"block_size": 0}, "must be >= 1"),
+    ("adamw_torch_8bit", {"block_size": 2.5}, "whole number"),
+    ("adamw_8bit", {"min_8bit_size": 10**9}, "would quantize no tensor"),
+    ("adamw_8bit", {"min_8bit_size": -1}, "must be >= 0"),
+    ("galore_adamw", {"rank": 0}, "must be >= 1"),
+    ("galore_adamw", {"rank": 1000}, "Use rank < 64"),
+    ("apollo_adamw", {"rank": 1000}, "Use rank < 64"),
+    ("galore_adamw", {"update_proj_gap": 0}, "must be >= 1"),
+    ("galore_adamw", {"rank": 1.5}, "whole number"),
+    ("adamw_torch", {"no_decay": 5}, "no_decay"),
+    ("adamw_torch", {"no_decay": ["("]}, "not a regular expression"),
+    ("adamw_torch", {"lr_scales": "0.1"}, "lr_scales must map"),
+    ("adamw_torch", {"lr_scales": {"embedding": math.inf}}, "non-negative finite"),
+    ("adamw_torch", {"in_backward": "yes"}, "in_backward must be true or false"),
+    ("adamw_torch", {"offload": "gpu"}, "offload must be null or one of"),
+    ("adamw_torch", {"offload_gradients": True}, "needs offload=cpu"),
+    ("adamw_8bit", {"embedding_state_32bit": "no"}, "embedding_state_32bit must be true or false"),
+    ("adamw_torch", {"in_backward": True, "clip_per_param_norm": 0}, "positive number"),
+    ("adamw_torch", {"lrr": 1e-3}, "Did you mean lr"),
+    ("adamw_8bit", {"optim_bits": 32}, "fixes optim_bits=8"),
+    ("paged_adamw_8bit", {"is_paged": False}, "fixes is_paged=True"),
+    ("galore_adamw_8bit", {"inner": "adamw_torch"}, "fixes inner="),
+    ("galore", {"inner": "lamb_8bit"}, "trust ratio"),
+    ("galore", {"inner": "no_such_optimizer"}, "no_such_optimizer"),
+    ("adamw_torch", {"amsgrad": "yes"}, "true or false"),
+    ("adafactor", {"clip_threshold": math.nan}, "not a finite number"),
+    ("lion_8bit", {"betas": (0.9, 1.0)}, "must be in [0, 1)"),
+    ("ademamix_8bit", {"betas": (0.9, 0.999, 1.0)}, "must be in [0, 1)"),
+    ("adamw_torch", {"maximize": "yes"}, "true or false"),
+    ("schedule_free_adamw", {"in_backward": True}, "schedule-free"),
+    ("paged_adamw_8bit", {"offload": "cpu"}, "paged"),
+    ("galore_adamw", {"offload": "cpu"}, "structure"),
+]
+
+
+def _id(case) -> str:
+    name, hp, _ = case
+    return f"{name}-" + "-".join(f"{k}={v!r}" for k, v in hp.items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_bad_optimizer_input_is_refused_in_one_line(case):
+    name, hp, match = case
+    refused(name, match, **hp)
+
+
+def test_the_battery_is_at_least_ninety_cases():
+    assert len(CASES) >= 90
+
+
+def test_every_family_refuses_the_same_bad_values_the_same_way():
+    """The same value gets the same words, whatever the backend."""
+    tails = {refused(name, "lr=", lr=math.nan).split(": ", 1)[1] for name in FAMILIES}
+    assert len(tails) == 1, tails
+
+
+# --- inputs that work ----------------------------------------------------------------------------------------------
+def test_a_single_no_decay_pattern_is_one_regex_not_its_characters():
+    model = Net()
+    opt = lit_optim.build_optimizer(model, "adamw_torch", weight_decay=0.1, no_decay="up")
+    decay = {g["name"]: g for g in opt.param_groups}["decay"]
+    assert decay["weight_decay"] == 0.1
+    decayed = {id(p) for p in decay["params"]}
+    assert decayed == {id(model.embed.weight), id(model.down.weight), id(model.head.weight)}  # "up" matched up only
+
+
+def test_a_tied_weight_listed_twice_is_stepped_once():
+    model = Net()
+    named = [*model.named_parameters(), ("alias.weight", model.embed.weight)]
+    opt = lit_optim.build_optimizer(named, "sgd", lr=0.1, weight_decay=0.0)
+    assert sum(p is model.embed.weight for g in opt.param_groups for p in g["params"]) == 1
+    model.embed.weight.grad = torch.ones_like(model.embed.weight)
+    before = model.embed.weight.detach().clone()
+    opt.step()
+    assert torch.allclose(model.embed.weight, before - 0.1)  # one step of lr * grad, not two
+
+
+def test_defaults_that_quantize_little_are_warned_about_with_the_share():
+    tiny = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match=r"8-bit state for 0% of the parameters"):
+        lit_optim.build_optimizer(tiny, "adamw_torch_8bit")
+
+
+def test_a_rank_as_wide_as_the_weights_is_warned_about():
+    with pytest.warns(UserWarning, match=r"rank=64 reaches the smaller side of 3 of 3 projected weights"):
+        lit_optim.build_optimizer(Net(), "galore_adamw", rank=64, target_modules=["up", "down", "head"])
+
+
+def test_good_values_build_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("adamw_torch", "adamw_torch_8bit", "galore_adamw"):
+            lit_optim.build_optimizer(Net(), name, **({"rank": 16} if name.startswith("galore") else {}))
+
+
+# --- through `lit-optim train` -------------------------------------------------------------------------------------
+CLI = [
+    ("optim.lr=inf", "lr=inf is not a finite number"),
+    ("optim=sgd optim.lr=nan", "lr=nan is not a finite number"),
+    ("optim=adamw_torch_8bit optim.block_size=100", "would quantize no tensor"),
+    ("optim=galore_adamw optim.rank=256", "Use rank < 128"),
+    ("optim.weight_decay=-0.1", "must be >= 0"),
+    ("optim.betas=[0.9,1.0]", "must be in [0, 1)"),
+]
+
+
+@pytest.mark.parametrize("overrides, match", CLI, ids=[c[0] for c in CLI])
+def test_cli_refuses_bad_optimizer_values_before_step_one(tmp_path, overrides, match):
+    from cli_inprocess import run_train
+
+    run = tmp_path / "run"
+    code, err = run_train(run, "trainer.max_steps=2", *overrides.split())
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("lit-optim: ") and match in last, last
+    assert not list(run.rglob("*.ckpt"))
+
+
+def test_cli_no_decay_as_one_string_keeps_weight_decay_on(tmp_path):
+    from cli_inprocess import run_train
+
+    code, err = run_train(tmp_path / "run", "trainer.max_steps=1", "+optim.no_decay=bias", "optim.weight_decay=0.1")
+    assert code == 0, err[-2000:]
