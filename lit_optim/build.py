@@ -198,9 +198,11 @@ def build_optimizer(
     # The one decision on 32-bit state: every path below (plain, composite, offload, in backward) reads it here.
     fp32 = embedding_params(plan) if group_opts.get("embedding_state_32bit") else ()
     context = BuildContext(plan, lookup=get_spec, fp32_state_params=fp32)
-    defaults = {k: v for k, v in accepted.items() if v is not inspect.Parameter.empty}
+    defaults = {**{k: v for k, v in accepted.items() if v is not inspect.Parameter.empty}, **spec.defaults}
+    # The user's own settings: given and unlike the name's default (Hydra's YAML passes every default explicitly).
+    chosen = {k for k, v in hyperparameters.items() if k not in defaults or _plain(v) != defaults[k]}
     check_quantized(spec, {**defaults, **kwargs}, [p for g in plan.groups for p in g["params"]],
-                    user_keys=hyperparameters, fp32=fp32)
+                    user_keys=chosen, fp32=fp32)
     ctor_kwargs = {**kwargs, **spec.fixed}
     built_spec = spec
     if group_opts.get("offload"):
@@ -212,7 +214,7 @@ def build_optimizer(
         built_spec = in_backward_spec(spec)
     else:
         optimizer = construct(spec, plan.groups, ctor_kwargs, context)  # checked against the name's claims
-    check_rank(spec, optimizer, user_keys=hyperparameters)
+    check_rank(spec, optimizer, user_keys=chosen)
     info = BuildInfo(spec.name, built_spec, {**kwargs, "weight_decay": wd}, plan,
                      embedding_32bit_params=_kept_32bit(optimizer, fp32))
     if group_opts.get("offload"):

@@ -33,6 +33,8 @@ MEANINGS = {
     "target_modules": "weights that are projected ('all-linear', a regex or a list of names)",
     "inner": "registry name of the optimizer stepping in the projected space",
     "fused": "use the fused kernel",
+    "fused_qkv": "names of further fused query/key/value modules whose rows are [q; k; v]",
+    "n_heads": "query heads (found on the model when not given)",
     "foreach": "use the multi-tensor kernel",
 }
 GROUP_MEANINGS = {

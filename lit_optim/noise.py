@@ -63,5 +63,8 @@ def one_copy_of_each_line() -> None:
     # On the handlers Hydra made for this job, not on the logger: a library caller of build_optimizer in the same
     # process (a test, a notebook) still gets the line.
     for handler in root.handlers:
+        # Exactly the types Hydra's job logging makes; subclasses (pytest's capture handlers) are someone else's.
+        if type(handler) not in (logging.StreamHandler, logging.FileHandler):
+            continue
         if not any(isinstance(f, _DropMessages) for f in handler.filters):
             handler.addFilter(_DropMessages("lit_optim built "))

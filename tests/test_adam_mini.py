@@ -134,3 +134,55 @@ def test_llama_partition_from_its_config_and_training(tmp_path):
     assert blocks["model.embed_tokens.weight"] == VOCAB and blocks["lm_head.weight"] == VOCAB
     assert blocks["model.norm.weight"] == 1
     assert_trains_and_resumes({"name": "adam_mini", "lr": 1e-2}, tmp_path, model=LLAMA, steps=8, drop=0.2)
+
+
+class NanoGPTAttention(nn.Module):
+    """nanoGPT's layout: one `c_attn` Linear holding [q; k; v], the head count on the attention module."""
+
+    def __init__(self, d: int = 64, n_head: int = 4) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+
+
+class NeoXAttention(nn.Module):
+    def __init__(self, d: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.num_attention_heads = heads
+        self.query_key_value = nn.Linear(d, 3 * d)
+
+
+class OddAttention(nn.Module):
+    def __init__(self, d: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.n_heads = heads
+        self.packed = nn.Linear(d, 3 * d)
+
+
+def test_nanogpt_fused_c_attn_gets_a_block_per_query_and_key_head():
+    model = nn.ModuleDict({"attn": NanoGPTAttention()})
+    opt = lit_optim.build_optimizer(model, "adam_mini")
+    part = opt.partition(model["attn"].c_attn.weight)
+    # 4 query heads + 4 key heads of 16 rows each, then one block per value row.
+    assert part.kind == "qkv" and part.segments == ((64, 16), (64, 16), (64, 1)) and part.blocks == 8 + 64
+    assert opt.partition(model["attn"].c_proj.weight).blocks == 64
+
+
+def test_multihead_attention_and_interleaved_layouts():
+    mha = nn.ModuleDict({"attn": nn.MultiheadAttention(64, 4)})
+    opt = lit_optim.build_optimizer(mha, "adam_mini")
+    assert opt.partition(mha["attn"].in_proj_weight).segments == ((64, 16), (64, 16), (64, 1))
+    neox = nn.ModuleDict({"attn": NeoXAttention()})
+    opt = lit_optim.build_optimizer(neox, "adam_mini")
+    part = opt.partition(neox["attn"].query_key_value.weight)
+    assert part.segments == ((16, 16), (16, 16), (16, 1)) * 4 and part.blocks == 4 * (2 + 16)
+
+
+def test_an_unknown_fused_layout_is_warned_about_and_can_be_named():
+    model = nn.ModuleDict({"attn": OddAttention()})
+    with pytest.warns(UserWarning, match=r"fused_qkv=\['packed'\]"):
+        opt = lit_optim.build_optimizer(model, "adam_mini")
+    assert opt.partition(model["attn"].packed.weight).blocks == 192  # one block per row, as warned
+    opt = lit_optim.build_optimizer(model, "adam_mini", fused_qkv=["packed"])
+    assert opt.partition(model["attn"].packed.weight).segments == ((64, 16), (64, 16), (64, 1))

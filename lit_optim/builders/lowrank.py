@@ -93,5 +93,5 @@ def adam_mini_builder(groups, spec: OptimizerSpec, kwargs: dict, context: BuildC
     infos = list(context.param_info.values()) if context is not None else []
     partitions = infer_partitions(infos, context.model if context is not None else None,
                                   n_heads=kwargs.get("n_heads"), n_kv_heads=kwargs.get("n_kv_heads"),
-                                  d_model=kwargs.get("d_model"))
+                                  d_model=kwargs.get("d_model"), fused_qkv=kwargs.get("fused_qkv") or ())
     return AdamMini(groups, partitions=partitions, **kwargs)

@@ -22,6 +22,7 @@ override them; when attention weights exist and the heads cannot be found, build
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -32,7 +33,10 @@ from lit_optim.errors import HyperparameterError
 
 QUERY = {"q_proj", "q", "query", "wq", "q_lin", "to_q", "query_proj"}
 KEY = {"k_proj", "k", "key", "wk", "k_lin", "to_k", "key_proj"}
-FUSED_QKV = {"qkv", "qkv_proj", "wqkv", "to_qkv"}  # rows laid out [q; k; v]
+# Fused projections, rows laid out [q; k; v]: lit_optim's TinyLM, nanoGPT's `c_attn` (GPT-2), MPT's `Wqkv`.
+FUSED_QKV = {"qkv", "qkv_proj", "wqkv", "to_qkv", "c_attn"}
+# Fused per head, rows laid out [q_h; k_h; v_h] for each head h in turn (GPT-NeoX, Pythia).
+INTERLEAVED_QKV = {"query_key_value"}
 _HEAD_ATTRS = ("n_heads", "num_heads", "num_attention_heads", "n_head")
 _KV_ATTRS = ("n_kv_heads", "num_key_value_heads", "num_kv_heads", "n_kv_head")
 
@@ -106,9 +110,14 @@ def _missing(name: str, what: str) -> HyperparameterError:
 
 
 def infer_partitions(infos: Iterable, model: nn.Module | None = None, *, n_heads: int | None = None,
-                     n_kv_heads: int | None = None, d_model: int | None = None) -> dict[int, Partition]:
-    """id(param) -> Partition for every parameter in `infos` (lit_optim ParamInfo: name, param, is_embedding ...)."""
+                     n_kv_heads: int | None = None, d_model: int | None = None,
+                     fused_qkv: Iterable[str] = ()) -> dict[int, Partition]:
+    """id(param) -> Partition for every parameter in `infos` (lit_optim ParamInfo: name, param, is_embedding ...).
+
+    `fused_qkv`: names of further modules whose rows are [q; k; v] (for layouts not recognised by name).
+    """
     infos = list(infos)
+    fused_names = FUSED_QKV | {str(n).lower() for n in ([fused_qkv] if isinstance(fused_qkv, str) else fused_qkv)}
     dims = _Dims(model, n_heads, n_kv_heads, d_model)
     query_rows = {}
     for info in infos:
@@ -124,12 +133,21 @@ def infer_partitions(infos: Iterable, model: nn.Module | None = None, *, n_heads
         if info.is_embedding or info.is_head:
             out[id(p)] = Partition(rows, ((rows, 1),), "token") if p.ndim >= 2 else default_partition(p)
             continue
-        if short in QUERY | KEY | FUSED_QKV:
+        if leaf == "in_proj_weight":  # nn.MultiheadAttention keeps [q; k; v] in one parameter of its own
+            short = "qkv"
+        if short in QUERY | KEY | fused_names | INTERLEAVED_QKV:
             heads, kv, cfg_head_dim, source = dims.heads(module_name)
             if not heads:
                 raise _missing(name, "no n_heads/num_heads attribute on its module or parents and no "
                                      "model.config.num_attention_heads")
-            if short in FUSED_QKV:
+            if short in INTERLEAVED_QKV:
+                if rows % (3 * heads):
+                    raise HyperparameterError(
+                        f"adam_mini: fused {name!r} has {rows} rows, not divisible by 3 * n_heads = 3*{heads} "
+                        f"(from {source}); pass n_heads.")
+                hd = rows // (3 * heads)
+                out[id(p)] = Partition(rows, ((hd, hd), (hd, hd), (hd, 1)) * heads, "qkv")
+            elif short in fused_names:
                 kv = kv or heads
                 if rows % (heads + 2 * kv):
                     raise HyperparameterError(
@@ -151,6 +169,11 @@ def infer_partitions(infos: Iterable, model: nn.Module | None = None, *, n_heads
                         f"({heads} heads from {source}); pass n_heads / n_kv_heads / d_model.")
                 out[id(p)] = Partition(rows, ((rows, hd),), "head")
             continue
+        if p.ndim == 2 and rows == 3 * p.shape[1] and dims.heads(module_name)[0]:
+            warnings.warn(
+                f"adam_mini: {name!r} ({rows} x {p.shape[1]}, in a module with attention heads) looks like a fused "
+                "query/key/value projection, but its name is not one Adam-mini knows, so it gets one block per row. "
+                f"If its rows are [q; k; v], pass fused_qkv=[{short!r}].", UserWarning, stacklevel=2)
         out[id(p)] = default_partition(p)
     if d_model is not None and dims.n_heads and d_model % dims.n_heads:
         raise HyperparameterError(f"adam_mini: d_model={d_model} is not divisible by n_heads={dims.n_heads}.")
@@ -168,9 +191,12 @@ class AdamMini(torch.optim.Optimizer):
         n_heads: int | None = None,
         n_kv_heads: int | None = None,
         d_model: int | None = None,
+        fused_qkv: list[str] | None = None,
         *,
         partitions: Mapping[int, Partition] | None = None,
     ) -> None:
+        """`n_heads`, `n_kv_heads`, `d_model`, `fused_qkv` describe the model for the registry's builder, which
+        turns them into `partitions` (see `infer_partitions`); given `partitions`, they are not read."""
         if lr < 0 or eps < 0 or not all(0 <= b < 1 for b in betas):
             raise HyperparameterError(f"adam_mini: invalid lr={lr}, betas={betas} or eps={eps}.")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
