@@ -344,3 +344,31 @@ def test_names_lit_optim_does_not_build_fail_clearly(name):
 def test_bad_arguments_are_refused(optim, optim_args, match):
     with pytest.raises(HyperparameterError, match=match):
         lit_optim.from_hf_training_args(hf_args(optim, optim_args=optim_args))
+
+
+# --- the same with transformers' real objects: a TrainingArguments and a Trainer around a PreTrainedModel ----------
+REAL = ["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "lion_8bit", "adafactor", "sgd",
+        "rmsprop", "schedule_free_adamw"]
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_a_real_trainer_builds_what_lit_optim_builds(name, tmp_path, fresh_bnb_manager):
+    """`TrainingArguments(...)` (which needs accelerate) and `Trainer.create_optimizer` on a real Llama: the stand-in
+    above must not hide anything the real objects do."""
+    pytest.importorskip("accelerate")
+    reason = _skip_reason(name)
+    if reason:
+        pytest.skip(reason)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+    torch.manual_seed(0)
+    hf_model = LlamaForCausalLM(config)
+    ours_model = LlamaForCausalLM(config)
+    ours_model.load_state_dict(hf_model.state_dict())
+    args = TrainingArguments(output_dir=str(tmp_path), optim=name, learning_rate=2e-3, weight_decay=0.05,
+                             adam_beta1=0.85, adam_beta2=0.99, adam_epsilon=1e-7, report_to=[], use_cpu=True)
+    theirs = Trainer(model=hf_model, args=args).create_optimizer()
+    ours = lit_optim.build_optimizer(ours_model, **lit_optim.from_hf_training_args(args))
+    assert_same_optimizer(name, theirs, hf_model, ours, ours_model)
