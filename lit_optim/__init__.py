@@ -33,6 +33,7 @@ __all__ = [
     "build_optimizer",
     "callbacks",
     "describe",
+    "estimate",
     "from_hf_training_args",
     "get_spec",
     "list_optimizers",
@@ -51,6 +52,10 @@ def __getattr__(name: str):
         from lit_optim.mixin import OptimizerMixin
 
         return OptimizerMixin
+    if name == "estimate":  # builds models on the meta device; imports the task's model code
+        from lit_optim.memory_estimate import estimate
+
+        return estimate
     if name in _LAZY_SUBMODULES:
         import importlib
 
@@ -59,4 +64,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), "OptimizerMixin", *_LAZY_SUBMODULES])
+    return sorted([*globals(), "OptimizerMixin", "estimate", *_LAZY_SUBMODULES])

@@ -3,6 +3,7 @@
     lit-optim train [hydra overrides...]   train (see conf/train.yaml), e.g. optim=paged_adamw_8bit optim.lr=2e-5
     lit-optim list [PATTERN] [--markdown]  the registry as a table, with availability on this machine
     lit-optim describe NAME                one optimizer in detail
+    lit-optim estimate [overrides] [optim=a,b] [--budget-gib N]   each optimizer's peak memory, before training
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ def optimizer_table(pattern: str | None = None, markdown: bool = False) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_import_noise()
+    if argv and argv[0] == "estimate":
+        from lit_optim.errors import LitOptimError
+        from lit_optim.memory_estimate import main as estimate_main
+
+        try:
+            return estimate_main(argv[1:])
+        except LitOptimError as err:
+            print(f"lit-optim: {err}", file=sys.stderr)
+            return 2
     if argv and argv[0] == "train":
         from lit_optim import train
 
@@ -71,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p_list.add_argument("--markdown", action="store_true", help="a Markdown table (as in the README)")
     p_desc = sub.add_parser("describe", help="describe one optimizer")
     p_desc.add_argument("name")
+    sub.add_parser("estimate", help="peak memory per optimizer before training (see `lit-optim estimate --help`)")
     args = parser.parse_args(argv)
     from lit_optim.errors import LitOptimError
 

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import lit_optim
 from lit_optim.state_bytes import state_bytes_by_param
+from lit_optim.state_theory import expected_state_bytes
 
 SCALAR_SLACK = 16  # bytes per parameter the theory leaves out (a `step` tensor, APOLLO's limiter scalar)
 BNB_QMAPS = 2 * 256 * 4  # bitsandbytes' two shared quantization maps, counted once per optimizer
@@ -44,27 +45,6 @@ def assert_trains_and_resumes(optim: dict[str, Any], tmp_path: Path, steps: int 
     assert params_equal, f"{name}: parameters after resume differ from the uninterrupted run"
     assert state_equal, f"{name}: optimizer state after resume differs from the uninterrupted run"
     return t1, t2, losses
-
-
-def expected_state_bytes(optimizer, p: torch.Tensor) -> float:
-    """The registry theory for `p`: the name's theory for GaLore/APOLLO targets and every other optimizer's tensors;
-    the inner optimizer's theory for non-targeted tensors of a projection (and fp32 for bnb-kept embeddings)."""
-    from lit_optim import theory
-    from lit_optim.optimizers.lowrank import LowRankOptimizer
-
-    info = optimizer.lit_optim
-    hp = info.hyperparameters
-    from lit_optim.optimizers.in_backward import InBackwardOptimizer
-
-    # In backward, each parameter has its own sub-optimizer (a one-parameter GaLore for a layer-wise name).
-    sub = optimizer.optimizer_for(p)[0] if isinstance(optimizer, InBackwardOptimizer) else optimizer
-    spec = info.spec
-    if isinstance(sub, LowRankOptimizer) and not sub.is_target(p):
-        inner = sub.inner.spec  # the registry factory records the spec it builds
-        spec, hp = inner, {**inner.defaults, **hp}
-    if spec.backend == "bitsandbytes" and spec.bits == 8 and info.plan.param_info[id(p)].is_embedding:
-        return theory.fp32_states(2)(tuple(p.shape), hp)  # kept at 32 bits, as Hugging Face does
-    return spec.state_bytes(tuple(p.shape), hp)
 
 
 def assert_state_matches_theory(optimizer, rel: float = 0.01) -> dict:

@@ -1,0 +1,303 @@
+"""`estimate`: each optimizer's peak memory for a model, predicted before training, without allocating the model.
+
+The model is built on the meta device (shapes, no storage) and each optimizer is built on it as lit_optim would build
+it, so the parts that depend on the model's structure are the real ones: which tensors GaLore projects and to what
+shape, which tensors a backend keeps at 32 bits (bitsandbytes below ``min_8bit_size``, torchao below 4096 elements
+or not divisible by its block, bitsandbytes embeddings), Adam-mini's blocks. Then, in bytes:
+
+- weights: every parameter in its dtype; gradients the same, except in backward (one gradient at a time: the
+  largest) and with ``offload_gradients`` (none on the device);
+- optimizer state: the registry's theory per parameter (`lit_optim.state_theory`), whose claims the tests check
+  against built optimizers; torch keeps its state in the parameter's dtype, bitsandbytes and torchao codes do not.
+  It lives on the device, in managed memory (paged names) or on the host (``offload=cpu``);
+- activations: a model for decoder transformers -- with activation checkpointing, each layer's input (B*T*d) plus
+  one layer recomputed; without, about 34*B*T*d bytes per layer in 16-bit -- plus the logits and their fp32 loss
+  (B*T*V*10 bytes);
+- step temporaries: PyTorch's multi-tensor (foreach) Adam/AdamW materialises one state-sized tensor (the
+  denominator) while it steps; torchao's compiled step dequantises the two moments and upcasts the gradient of one
+  tensor at a time (3 x 4 B x the largest tensor); fused and bitsandbytes kernels step in place.
+
+The device peak is the larger of the backward phase (weights, gradients, device state, activations) and the step
+(weights, gradients, device state, step temporaries). Checked against the H100 runs recorded in
+`benchmarks/results/` (tests/test_estimate.py): within 10% for every recorded configuration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lit_optim.build import build_optimizer
+from lit_optim.errors import LitOptimError
+from lit_optim.registry import get_spec
+from lit_optim.state_theory import expected_state_bytes
+
+GIB = 2**30
+# Names tried by `suggest` when none are given: from most to least state, the usual ways down.
+LADDER = ("adamw_torch_fused", "adamw_8bit", "adamw_torch_4bit", "paged_adamw_8bit", "galore_adamw_8bit_layerwise",
+          "apollo_mini_layerwise")
+
+
+@dataclass
+class Estimate:
+    """Bytes by where they live, for one optimizer; `error` when the name cannot be built for this model."""
+
+    name: str
+    weights: float = 0.0
+    gradients: float = 0.0
+    state_device: float = 0.0
+    state_managed: float = 0.0
+    state_host: float = 0.0
+    activations: float = 0.0
+    step_temporaries: float = 0.0
+    host: float = 0.0  # host copies of parameters and gradients when offloaded, besides the state
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_device(self) -> float:
+        backward = self.weights + self.gradients + self.state_device + self.activations
+        step = self.weights + self.gradients + self.state_device + self.step_temporaries
+        return max(backward, step)
+
+    def fits(self, budget_gib: float | None) -> bool | None:
+        return None if budget_gib is None or self.error else self.peak_device <= budget_gib * GIB
+
+    def row(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "notes"}
+        out["peak_device"] = self.peak_device
+        return out
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the activations depend on: tokens per micro-batch and the model's transformer dimensions."""
+
+    batch: int = 1
+    seq_len: int = 512
+    checkpointing: bool = False
+    activation_bytes: int = 2
+
+
+def _dims(model: nn.Module) -> dict[str, int]:
+    """Layers, width, MLP width and vocabulary of a decoder transformer (Hugging Face config or lit_optim's TinyLM)."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "hidden_size", None):
+        return {"layers": config.num_hidden_layers, "d": config.hidden_size,
+                "mlp": getattr(config, "intermediate_size", 4 * config.hidden_size), "vocab": config.vocab_size}
+    blocks = getattr(model, "blocks", None)
+    embed = getattr(model, "embed", None)
+    if blocks is not None and isinstance(embed, nn.Embedding):
+        d = embed.embedding_dim
+        up = getattr(blocks[0], "up", None) if len(blocks) else None
+        return {"layers": len(blocks), "d": d, "mlp": up.out_features if isinstance(up, nn.Linear) else 4 * d,
+                "vocab": embed.num_embeddings}
+    return {}
+
+
+def activation_bytes(model: nn.Module, work: Workload) -> float:
+    dims = _dims(model)
+    if not dims:
+        return 0.0
+    tokens = work.batch * work.seq_len
+    width = work.activation_bytes
+    # One layer's saved tensors (attention with a fused kernel: no T x T scores): about 34 values per token and unit
+    # of width for a 4x MLP, the MLP's part scaled to the real MLP width.
+    per_layer = tokens * width / 2 * (18 * dims["d"] + 4 * dims["mlp"])
+    if work.checkpointing:
+        saved = dims["layers"] * tokens * dims["d"] * width + per_layer
+    else:
+        saved = dims["layers"] * per_layer
+    logits = tokens * dims["vocab"] * (width + 4 + 4)  # logits, their fp32 upcast and its gradient
+    return saved + logits
+
+
+def meta_model(config: Mapping[str, Any]) -> nn.Module:
+    """A model of `config` (conf/model/*.yaml) on the meta device: shapes and dtypes, no memory."""
+    from lit_optim.task.models import build_model
+
+    cfg = {k: v for k, v in dict(config).items() if k != "pretrained"}
+    with torch.device("meta"):
+        return build_model(cfg)
+
+
+def _as_config(optim: str | Mapping[str, Any]) -> dict[str, Any]:
+    return {"name": optim} if isinstance(optim, str) else dict(optim)
+
+
+def _leaves(optimizer) -> list:
+    out, todo = [], [optimizer]
+    while todo:
+        opt = todo.pop()
+        inner = getattr(opt, "lit_optim_inner_optimizers", None)
+        if callable(inner):
+            todo.extend(inner())
+        else:
+            out.append(opt)
+    return out
+
+
+def _step_temporaries(spec, optimizer, params: list[torch.Tensor], in_backward: bool) -> float:
+    largest = max((p.numel() for p in params), default=0)
+    leaves = _leaves(optimizer)
+    if spec.backend == "torchao":
+        return 3 * 4 * largest
+    temp = 0.0
+    for leaf in leaves:
+        if type(leaf).__module__.startswith("torch.optim") and type(leaf).__name__ in ("Adam", "AdamW"):
+            group = leaf.param_groups[0]
+            if not group.get("fused") and group.get("foreach") is not False:
+                mine = [p for g in leaf.param_groups for p in g["params"]]
+                temp = max(temp, max((p.numel() * p.element_size() for p in mine), default=0) if in_backward
+                           else sum(p.numel() * p.element_size() for p in mine))
+    return temp
+
+
+def _state_bytes(optimizer, params: list[torch.Tensor]) -> float:
+    return sum(expected_state_bytes(optimizer, p) for p in params)
+
+
+def estimate_one(model: nn.Module, optim: str | Mapping[str, Any], work: Workload) -> Estimate:
+    cfg = _as_config(optim)
+    name = str(cfg.get("name"))
+    est = Estimate(name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    est.weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    offload = cfg.pop("offload", None)
+    offload_grads = bool(cfg.pop("offload_gradients", False))
+    try:
+        spec = get_spec(name)
+        # Offloaded state has the same theory as the name's own; what moves is where it lives.
+        optimizer = build_optimizer(model, **{k: v for k, v in cfg.items()})
+    except LitOptimError as err:
+        est.error = str(err)
+        return est
+    in_backward = bool(cfg.get("in_backward")) or "in_backward" in optimizer.lit_optim.extra or \
+        type(optimizer).__name__ in ("InBackwardOptimizer", "Lomo", "AdaLomo")
+    largest_grad = max((p.numel() * p.element_size() for p in params), default=0)
+    grads = sum(p.numel() * p.element_size() for p in params)
+    est.gradients = largest_grad if in_backward else grads
+    state = _state_bytes(optimizer, params)
+    if offload:
+        est.state_host = state
+        est.host = est.weights + grads  # master copies of the parameters and their gradients on the host
+        if offload_grads:
+            est.gradients = largest_grad
+            est.notes.append("gradients move to the host during backward")
+    elif spec.paged:
+        est.state_managed = state
+    else:
+        est.state_device = state
+        est.step_temporaries = _step_temporaries(spec, optimizer, params, in_backward)
+    est.activations = activation_bytes(model, work)
+    return est
+
+
+def estimate(model: nn.Module | Mapping[str, Any], optims: Sequence[str | Mapping[str, Any]], *,
+             batch: int = 1, seq_len: int = 512, checkpointing: bool | None = None,
+             budget_gib: float | None = None) -> list[Estimate]:
+    """Peak-memory estimates for each of `optims` on `model` (a module, or a model config to build on meta)."""
+    if isinstance(model, Mapping):
+        config = dict(model)
+        if checkpointing is None:
+            checkpointing = bool(config.get("gradient_checkpointing", False))
+        model = meta_model(config)
+    elif checkpointing is None:
+        checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+    dtypes = {p.dtype for p in model.parameters()}
+    width = 2 if dtypes <= {torch.bfloat16, torch.float16} else 4
+    work = Workload(batch, seq_len, bool(checkpointing), width)
+    return [estimate_one(model, o, work) for o in optims]
+
+
+def suggest(estimates: Iterable[Estimate], budget_gib: float) -> Estimate | None:
+    """The estimate with the most state that still fits (closest to plain AdamW's updates), else None."""
+    fitting = [e for e in estimates if e.fits(budget_gib)]
+    if not fitting:
+        return None
+    return max(fitting, key=lambda e: (e.state_device + e.state_managed + e.state_host, -e.peak_device))
+
+
+def table(estimates: Sequence[Estimate], budget_gib: float | None = None) -> str:
+    ok = [e for e in estimates if not e.error]
+    unit, scale = ("GiB", GIB) if any(e.peak_device >= GIB for e in ok) or not ok else ("MiB", 2**20)
+    head = ["optimizer", f"weights {unit}", "grads", "state (device/managed/host)", "activations", "step temp",
+            f"peak device {unit}"] + (["fits"] if budget_gib is not None else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def g(x: float) -> str:
+        return f"{x / scale:.2f}"
+
+    for e in estimates:
+        if e.error:
+            lines.append(f"| {e.name} | " + " | ".join(["-"] * (len(head) - 2)) + f" | refused: {e.error} |")
+            continue
+        cells = [e.name, g(e.weights), g(e.gradients), f"{g(e.state_device)} / {g(e.state_managed)} / "
+                 f"{g(e.state_host)}", g(e.activations), g(e.step_temporaries), g(e.peak_device)]
+        if budget_gib is not None:
+            cells.append("yes" if e.fits(budget_gib) else "no")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compose_run(overrides: Sequence[str]) -> dict[str, Any]:
+    """`lit-optim train`'s composed config for `overrides` (recipes included), as plain containers."""
+    from hydra import compose, initialize_config_dir, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from lit_optim.train import _config_path
+
+    path = _config_path()
+    init = (initialize_config_module(path.removeprefix("pkg://"), version_base="1.3") if path.startswith("pkg://")
+            else initialize_config_dir(path, version_base="1.3"))
+    with init:
+        cfg = compose("train", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def estimate_run(overrides: Sequence[str], optims: Sequence[str] = ()) -> tuple[list[Estimate], dict[str, Any]]:
+    """Estimates for a `lit-optim train` command line: its model, batch and optimizer (or each of `optims`, with
+    the command line's other ``optim.*`` settings)."""
+    configs = [compose_run([*overrides, f"optim={name}"]) for name in optims] if optims else [compose_run(overrides)]
+    model_cfg = configs[0]["model"]
+    data = configs[0].get("data") or {}
+    model = meta_model(model_cfg)
+    dtypes = {p.dtype for p in model.parameters()}
+    work = Workload(int(data.get("batch_size") or 1), int(data.get("seq_len") or 512),
+                    bool(model_cfg.get("gradient_checkpointing", False)),
+                    2 if dtypes <= {torch.bfloat16, torch.float16} else 4)
+    return [estimate_one(model, dict(c["optim"]), work) for c in configs], configs[0]
+
+
+def main(argv: Sequence[str]) -> int:
+    """`lit-optim estimate [train overrides] [optim=a,b,...] [--budget-gib N]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lit-optim estimate", description=main.__doc__)
+    parser.add_argument("overrides", nargs="*", help="the same overrides as `lit-optim train` (recipe=... too)")
+    parser.add_argument("--budget-gib", type=float, help="device memory to fit (default: max_device_memory_gib)")
+    args = parser.parse_args(list(argv))
+    names: list[str] = []
+    rest = []
+    for o in args.overrides:
+        if o.startswith("optim=") and "," in o:
+            names = [n.strip() for n in o.split("=", 1)[1].split(",") if n.strip()]
+        else:
+            rest.append(o)
+    ests, cfg = estimate_run(rest, names)
+    budget = args.budget_gib if args.budget_gib is not None else cfg.get("max_device_memory_gib")
+    print(table(ests, budget))
+    if budget is not None:
+        best = suggest(ests, budget)
+        if best is None and not names:
+            best = suggest(estimate_run(rest, LADDER)[0], budget)
+        print(f"\nFits {budget:g} GiB with the most optimizer state: {best.name} ({best.peak_device / GIB:.1f} GiB)."
+              if best else f"\nNothing here fits {budget:g} GiB; try optim.offload=cpu, a *_layerwise name, or "
+              "model.gradient_checkpointing=true.")
+    print("\nEstimated before training (model on the meta device); `lit_optim/memory_estimate.py` says what each "
+          "column counts. Managed (paged) and host memory are outside the device peak.")
+    return 0

@@ -1,0 +1,102 @@
+"""`lit-optim estimate`: optimizer state exactly as built optimizers keep it, and the device peak within 10% of every
+configuration measured on a GPU (benchmarks/results/big_models_h100_run2_*.json), predicted on the meta device."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import lit_optim
+from lit_optim.memory_estimate import GIB, estimate, estimate_run
+from lit_optim.state_bytes import state_bytes_by_param
+from lit_optim.task.tiny_lm import TinyLM
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def recorded_rows() -> list[dict]:
+    rows, seen = [], set()
+    for path in sorted(RESULTS.glob("big_models_h100_run2_*.json")):
+        for row in json.loads(path.read_text())["rows"]:
+            key = tuple(o for o in row["overrides"] if not o.startswith(("trainer.max_steps", "callbacks.")))
+            if row["exit"] == 0 and row.get("peak_gib") and key not in seen:
+                seen.add(key)
+                rows.append(row)
+    return rows
+
+
+ROWS = recorded_rows()
+
+
+def test_the_gpu_record_is_there():
+    assert len(ROWS) >= 10
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r["label"] for r in ROWS])
+def test_estimate_is_within_10_percent_of_the_measured_peak(row):
+    pytest.importorskip("transformers")
+    (est,), _ = estimate_run(row["overrides"])
+    assert est.error is None, est.error
+    measured = row["peak_gib"]
+    assert abs(est.peak_device / GIB - measured) <= 0.10 * measured, (est.row(), measured)
+    if row.get("managed_gib"):
+        assert abs(est.state_managed / GIB - row["managed_gib"]) <= 0.05 * row["managed_gib"]
+
+
+NAMES = ["adamw_torch", "sgd", "adamw_8bit", "adafactor", "adam_mini", "galore_adamw_8bit",
+         "galore_adamw_layerwise", "apollo_mini"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", NAMES)
+def test_state_bytes_equal_what_the_built_optimizer_keeps(name, dtype):
+    hp = {"momentum": 0.9} if name == "sgd" else {"rank": 16} if "galore" in name or "apollo" in name else {}
+    torch.manual_seed(0)
+    model = TinyLM(vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=32).to(dtype)
+    (est,) = estimate(model, [{"name": name, **hp}])
+    opt = lit_optim.build_optimizer(model, name, **hp)
+    tokens = torch.randint(0, 256, (2, 17))
+    if "layerwise" in name:
+        with opt.stepping():
+            torch.nn.functional.cross_entropy(model(tokens[:, :-1]).float().reshape(-1, 256),
+                                              tokens[:, 1:].reshape(-1)).backward()
+    else:
+        torch.nn.functional.cross_entropy(model(tokens[:, :-1]).float().reshape(-1, 256),
+                                          tokens[:, 1:].reshape(-1)).backward()
+    opt.step()
+    measured = sum(state_bytes_by_param(opt).values())
+    predicted = est.state_device + est.state_managed + est.state_host
+    slack = 16 * sum(1 for _ in model.parameters()) + 2 * 256 * 4 * 64  # step scalars; bitsandbytes' shared maps
+    assert abs(measured - predicted) <= 0.01 * predicted + slack, (measured, predicted)
+
+
+def test_where_the_state_lives_and_what_offload_and_in_backward_change():
+    model = TinyLM(vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=32)
+    plain, paged, offloaded, layerwise = estimate(model, [
+        "adamw_torch", "paged_adamw_32bit", {"name": "adamw_torch", "offload": "cpu", "offload_gradients": True},
+        {"name": "galore_adamw_layerwise", "rank": 16}])
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    assert plain.weights == plain.gradients == weights and plain.state_device == pytest.approx(2 * weights)
+    assert plain.step_temporaries == weights  # foreach AdamW's denominator
+    assert paged.state_device == 0 and paged.state_managed == pytest.approx(2 * weights)
+    assert offloaded.state_device == 0 and offloaded.state_host == pytest.approx(2 * weights)
+    assert offloaded.gradients == max(p.numel() * 4 for p in model.parameters()) < weights
+    assert layerwise.gradients == offloaded.gradients and layerwise.state_device < plain.state_device
+
+
+def test_a_refused_name_is_a_row_with_its_reason():
+    model = TinyLM(vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=32)
+    (est,) = estimate(model, [{"name": "adamw_torch", "lr": -1}])
+    assert est.error and "learning rate must be >= 0" in est.error
+
+
+def test_cli_prints_the_table_and_what_fits(capsys):
+    from lit_optim.cli import main
+
+    assert main(["estimate", "optim=adamw_torch,paged_adamw_8bit,adamw_8bit", "--budget-gib", "0.025"]) == 0
+    out = capsys.readouterr().out
+    assert "| adamw_torch |" in out and "peak device MiB" in out
+    assert "Fits 0.025 GiB with the most optimizer state: paged_adamw_8bit" in out
