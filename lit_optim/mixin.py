@@ -179,9 +179,8 @@ class OptimizerMixin:
         # hparams.optim (a name or a mapping) says so too, so a checkpoint records the LR that was trained.
         self.optim_config["lr"] = float(value)
         hparams = getattr(self, "_hparams", None)
-        if hparams is not None and "optim" in hparams and hparams["optim"] is not None:
-            saved = hparams["optim"]
-            hparams["optim"] = {**(dict(saved) if isinstance(saved, Mapping) else {"name": saved}), "lr": float(value)}
+        if hparams is not None and "optim" in hparams:  # a name, a mapping, or None (the default)
+            hparams["optim"] = {**normalize_optim_config(hparams["optim"]), "lr": float(value)}
 
     def configure_optimizers(self):
         trainer = self._trainer
