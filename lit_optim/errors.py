@@ -59,3 +59,7 @@ class OutOfDeviceMemoryError(LitOptimError, RuntimeError):
 
 class UnwritablePathError(LitOptimError, PermissionError):
     """An output or checkpoint directory the run could not write to (found before step 1, not at the first save)."""
+
+
+class MixinUsageError(LitOptimError, TypeError):
+    """A LightningModule that uses `OptimizerMixin` in a way that would bypass it (base order, its own optimizer)."""

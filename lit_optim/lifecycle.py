@@ -15,10 +15,18 @@
   the previous step's gradients would sit next to the new activations (on a 1B Llama, +3.7 GiB at GaLore's peak).
   "Stepped" means the optimizer's own `step` ran (a step post-hook says so): at the end of an accumulation window,
   also under strategies that accumulate by themselves. A step a GradScaler skipped leaves the gradients to
-  Lightning's zeroing, and a module that overrides `optimizer_zero_grad` keeps its own.
+  Lightning's zeroing, and a module that overrides `optimizer_zero_grad` keeps its own;
+- when fit starts, the optimizer must be the one the mixin built from ``optim=``: a module's own
+  `configure_optimizers` that returns another is refused, naming the fix.
+
+`with_lifecycle` wraps the mixin's `configure_callbacks`, and every override of it in a mixin module (the mixin's
+``__init_subclass__`` does that), so the callback is there whether or not the override calls ``super()``.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule
@@ -27,6 +35,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lit_optim.bnb_adapter import repage
 from lit_optim.checkpoint import install_checkpoint_io
+from lit_optim.errors import MixinUsageError
 from lit_optim.preflight import check_writable
 from lit_optim.resume import RECORD_KEY, canonical_name
 
@@ -50,6 +59,44 @@ def _set_mode(trainer, train: bool) -> None:
             opt.train() if train else opt.eval()
 
 
+def with_lifecycle(configure_callbacks: Callable) -> Callable:
+    """`configure_callbacks` that always includes one `OptimizerLifecycle`, whatever the wrapped method returns."""
+    if getattr(configure_callbacks, "_lit_optim_lifecycle", False):
+        return configure_callbacks
+
+    @functools.wraps(configure_callbacks)
+    def wrapper(self):
+        callbacks = configure_callbacks(self)
+        callbacks = list(callbacks) if isinstance(callbacks, Sequence) else ([callbacks] if callbacks else [])
+        if not any(isinstance(c, OptimizerLifecycle) for c in callbacks):  # super() already added it
+            callbacks.append(OptimizerLifecycle())
+        return callbacks
+
+    wrapper._lit_optim_lifecycle = True
+    return wrapper
+
+
+def _describe(optimizer) -> str:
+    info = getattr(optimizer, "lit_optim", None)
+    return repr(info.spec.name) if info is not None else type(optimizer).__name__
+
+
+def check_optimizer_is_the_mixins(trainer, pl_module) -> None:
+    """Refuse a module whose own `configure_optimizers` built something else than ``optim=`` asks for."""
+    want = (getattr(pl_module, "optim_config", None) or {}).get("name")
+    if not want:
+        return  # the callback without the mixin: nothing was asked for
+    built = [info.spec.name for _, info in _built(trainer)]
+    if canonical_name(want) in built:
+        return
+    got = ", ".join(_describe(opt) for opt in trainer.optimizers) or "no optimizer"
+    raise MixinUsageError(
+        f"{type(pl_module).__name__}.configure_optimizers returned {got}, not the {want!r} that optim= asks for "
+        "(and hparams record): delete it, or return super().configure_optimizers() from it (with scheduler=None "
+        "that is the optimizer itself, to pair with a scheduler of your own)."
+    )
+
+
 class OptimizerLifecycle(Callback):
     def __init__(self) -> None:
         self._stepped: list[torch.optim.Optimizer] = []
@@ -71,6 +118,8 @@ class OptimizerLifecycle(Callback):
                     self._hooks.append(register(self._mark_stepped))
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        # Optimizers exist from here on (the strategy's setup ran configure_optimizers); step 1 has not run.
+        check_optimizer_is_the_mixins(trainer, pl_module)
         if trainer.is_global_zero:  # the rank that writes checkpoints
             for callback in trainer.checkpoint_callbacks:
                 check_writable(getattr(callback, "dirpath", None), "ModelCheckpoint dirpath")

@@ -17,6 +17,17 @@ forward pass, so without this the previous step's gradients and the next forward
 (on a 1B Llama: +3.7 GiB at the peak with GaLore; see benchmarks/README.md). The Trainer's callbacks still see them
 in ``on_train_batch_end``; the module's own ``on_train_batch_end`` runs after the release.
 ``release_grads_after_step=False`` keeps them until Lightning zeroes them.
+
+The mixin cannot be bypassed silently (each rule is checked before step 1; see README "Adopting the mixin"):
+
+- it must come before LightningModule in the bases (checked when the class is defined);
+- a module's own ``configure_optimizers`` must return ``super().configure_optimizers()`` (or, with ``scheduler=None``,
+  pair that optimizer with a scheduler of its own); one that builds another optimizer is refused when fit starts;
+- a module's own ``configure_callbacks`` keeps lit_optim's lifecycle callback, with or without ``super()``;
+- no ``optim=`` trains ``adamw_torch``, said once per class with how to choose.
+
+``module.lr`` is the optimizer's learning rate (``optim["lr"]``, else the optimizer's default), so Lightning's LR
+finder reads it and, with ``update_attr=True``, writes its suggestion there (and into ``hparams.optim``).
 """
 
 from __future__ import annotations
@@ -24,21 +35,26 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lit_optim.build import _plain, build_optimizer, check_available, resolve_hyperparameters
-from lit_optim.errors import HyperparameterError, IncompatibleConfigError
-from lit_optim.lifecycle import OptimizerLifecycle
+from lit_optim.build import _plain, accepted_arguments, build_optimizer, check_available, resolve_hyperparameters
+from lit_optim.errors import HyperparameterError, IncompatibleConfigError, MixinUsageError
+from lit_optim.lifecycle import with_lifecycle
+from lit_optim.nesting import leaves
 from lit_optim.preflight import check_accumulation
 from lit_optim.registry import get_spec
 from lit_optim.resume import check_model, check_optimizer
 from lit_optim.scheduler import build_scheduler
 from lit_optim.spec import CPU, DDP, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
 
+DEFAULT_OPTIM = "adamw_torch"
+
 
 def normalize_optim_config(optim: str | Mapping[str, Any] | None) -> dict[str, Any]:
     if optim is None:
-        optim = "adamw_torch"
+        optim = DEFAULT_OPTIM
     if isinstance(optim, str):
         return {"name": optim}
     cfg = _plain(optim)
@@ -73,8 +89,45 @@ def check_trainer_compatibility(spec: OptimizerSpec, trainer, device_type: str) 
         rank_zero_warn(f"{spec.name!r}: paged memory needs CUDA; on {device_type} its state is ordinary memory.")
 
 
+_announced_default: set[type] = set()  # classes already told that they train the default optimizer
+
+
+def check_base_order(cls: type) -> None:
+    """After LightningModule, the mixin's ``__init__`` never runs: ``optim=`` reaches torch's Module and fails there."""
+    mro = cls.__mro__
+    if LightningModule in mro and mro.index(LightningModule) < mro.index(OptimizerMixin):
+        raise MixinUsageError(
+            f"{cls.__name__}: put OptimizerMixin before LightningModule in the bases, as in `class {cls.__name__}"
+            "(OptimizerMixin, L.LightningModule)`; after it, optim= never reaches the mixin."
+        )
+
+
+def _keep_tensor_lr(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    # torchao keeps each group's LR as a tensor its compiled step reads, and refuses a float there ("lr was changed
+    # to a non-Tensor object"). Lightning's LR finder (and its update_attr) write plain floats: take them as values.
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        if not isinstance(lr, torch.Tensor):
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float32)
+
+
+def keep_tensor_lrs(optimizer: torch.optim.Optimizer) -> None:
+    for opt in {id(o): o for o in (optimizer, *leaves([optimizer]))}.values():
+        if any(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups):
+            opt.register_step_pre_hook(_keep_tensor_lr)
+
+
 class OptimizerMixin:
     """Give a LightningModule `configure_optimizers` from lit_optim's registry. Put it before LightningModule."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        check_base_order(cls)
+        # A module's own configure_callbacks that forgets super() would drop the lifecycle callback: schedule-free
+        # steps in eval mode, torchao state cannot resume, gradients are kept. It is added back, whatever it returns.
+        own = cls.__dict__.get("configure_callbacks")
+        if callable(own):
+            cls.configure_callbacks = with_lifecycle(own)
 
     def __init__(
         self,
@@ -102,6 +155,32 @@ class OptimizerMixin:
                 f"{spec.name!r} is schedule-free: a decaying LR schedule works against it. Use scheduler=constant "
                 "(its own warmup_steps hyperparameter handles warmup)."
             )
+        if optim is None and type(self) not in _announced_default:
+            # A default is what a Lightning user expects from an optional argument; training the default without a
+            # word is not (a forgotten `optim=optim` in super().__init__ looks like it trained what was asked).
+            _announced_default.add(type(self))
+            rank_zero_warn(
+                f"{type(self).__name__}: no optim= reached OptimizerMixin.__init__, so it trains {DEFAULT_OPTIM} "
+                f"(lr={self.lr:g}). Choose with super().__init__(optim={{'name': 'adamw_8bit', 'lr': 1e-4}}); "
+                "`lit-optim list` shows every name."
+            )
+
+    @property
+    def lr(self) -> float:
+        """The optimizer's learning rate: ``optim["lr"]``, else the optimizer's default (Lightning's LR finder)."""
+        lr = self.optim_config.get("lr")
+        if lr is None:
+            lr = accepted_arguments(get_spec(self.optim_config["name"])).get("lr")
+        return float(lr) if isinstance(lr, (int, float)) else 0.0
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        # The LR finder's update_attr=True lands here: the next configure_optimizers builds with it, and a saved
+        # hparams.optim (a name or a mapping) says so too, so a checkpoint records the LR that was trained.
+        self.optim_config["lr"] = float(value)
+        hparams = getattr(self, "_hparams", None)
+        if hparams is not None and "optim" in hparams:  # a name, a mapping, or None (the default)
+            hparams["optim"] = {**normalize_optim_config(hparams["optim"]), "lr": float(value)}
 
     def configure_optimizers(self):
         trainer = self._trainer
@@ -110,6 +189,7 @@ class OptimizerMixin:
         cfg = dict(self.optim_config)
         name = cfg.pop("name")
         optimizer = build_optimizer(self, name, **cfg)
+        keep_tensor_lrs(optimizer)
         info = optimizer.lit_optim
         if trainer is not None:
             # Optimizers with their own Trainer requirements (in-backward) say so first, with specific reasons.
@@ -146,7 +226,6 @@ class OptimizerMixin:
         if not isinstance(trainer.strategy, FSDPStrategy):  # FSDP1 holds flattened shards, not the model's shapes
             check_model(checkpoint, self, path, strict=getattr(self, "strict_loading", True))
 
+    @with_lifecycle
     def configure_callbacks(self):
-        callbacks = super().configure_callbacks()
-        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else ([callbacks] if callbacks else [])
-        return [*callbacks, OptimizerLifecycle()]
+        return super().configure_callbacks()

@@ -5,6 +5,11 @@ torchao stores each group's learning rate as a tensor (it must be updated in pla
 ``fill_`` there. Base rates are kept as floats so checkpoints and logs hold plain numbers. (Early torch 2.x
 schedulers kept torchao's lr tensor itself as the base and compounded on it; torch 2.13's ``LambdaLR`` gives exact
 values, checked in tests/test_scheduler.py.)
+
+Resuming with another length (``max_steps`` 300 -> 600) reshapes the schedule: it keeps its position (the step count)
+and base learning rates from the checkpoint and takes its shape -- length, warmup, floor, kind -- from the run being
+started, as if that run had been planned from step 0. Restoring the old shape too (what ``LRScheduler`` does with
+every attribute) would hold the LR at the old schedule's end -- 0 for a cosine to 0 -- for every added step.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LRScheduler
 
 from lit_optim.errors import HyperparameterError
 
 SCHEDULES = ("constant", "linear", "cosine")
+SHAPE = ("schedule", "total_steps", "warmup_steps", "min_lr_ratio")  # from the run's config, not the checkpoint
 
 
 def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -53,12 +60,35 @@ class WarmupSchedule(LRScheduler):
             group.setdefault("initial_lr", float(group["lr"]))
         super().__init__(optimizer, last_epoch)
 
-    def get_lr(self) -> list[float]:
-        factor = lr_factor(
+    def factor(self) -> float:
+        return lr_factor(
             self.last_epoch, schedule=self.schedule, warmup_steps=self.warmup_steps,
             total_steps=self.total_steps, min_lr_ratio=self.min_lr_ratio,
         )
+
+    def get_lr(self) -> list[float]:
+        factor = self.factor()
         return [float(base) * factor for base in self.base_lrs]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        saved = {key: state.pop(key) for key in SHAPE if key in state}
+        super().load_state_dict(state)
+        current = {key: getattr(self, key) for key in SHAPE}
+        if all(saved.get(key, value) == value for key, value in current.items()):
+            return  # the same shape: the optimizer's restored LR is already this schedule's
+        # Lightning restores the optimizer (whose LR is the old schedule's next value) before the scheduler; the next
+        # step must use the new shape's value instead.
+        values = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, values):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)  # torchao: in place
+            else:
+                group["lr"] = lr
+        self._last_lr = list(values)
+        changed = ", ".join(f"{k} {saved[k]} -> {current[k]}" for k in SHAPE if k in saved and saved[k] != current[k])
+        rank_zero_info(f"lit_optim: resumed LR schedule reshaped to this run ({changed}); the LR factor "
+                       f"at step {self.last_epoch + 1} is {self.factor():.4g} of the base LR.")
 
 
 def build_scheduler(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import pytest
 import torch
 from harness import run_task
@@ -132,3 +133,68 @@ def test_lightning_steps_the_schedule_per_optimizer_step():
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert isinstance(scheduler, WarmupSchedule) and scheduler.last_epoch == steps and scheduler.total_steps == steps
     assert isinstance(trainer.optimizers[0].param_groups[0]["lr"], torch.Tensor)  # still torchao's tensor
+
+
+class _Linear64(lit_optim.OptimizerMixin, L.LightningModule):
+    def __init__(self, optim, scheduler):
+        super().__init__(optim=optim, scheduler=scheduler)
+        self.net = nn.Linear(64, 64)
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch).square().mean()
+
+
+class LrPerStep(Callback):
+    """The LR each optimizer step used, read just before it ran."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.lrs.append(float(optimizer.param_groups[0]["lr"]))
+
+
+@pytest.mark.parametrize("name", ["adamw_torch", "adamw_torch_8bit"])
+def test_resume_with_a_longer_run_reshapes_the_schedule(tmp_path, name):
+    """3 steps of a cosine to 0 (max_steps=3), resumed with max_steps=6: the schedule takes the new length, as if the
+    run had been planned for 6 steps from the start (README, "Resuming a run"), instead of staying at 0."""
+    data = torch.utils.data.DataLoader(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)), batch_size=4)
+    optim, scheduler, lr = {"name": name, "lr": 1e-2}, {"name": "cosine", "min_lr_ratio": 0.0}, 1e-2
+
+    def fit(steps, ckpt_path=None):
+        probe = LrPerStep()
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[probe],
+                            default_root_dir=str(tmp_path))
+        trainer.fit(_Linear64(optim, scheduler), data, ckpt_path=ckpt_path)
+        return trainer, probe.lrs
+
+    first, lrs = fit(3)
+    assert lrs == pytest.approx([lr * expected(s, "cosine", 0, 3, 0.0) for s in range(3)], rel=1e-6)
+    assert float(first.optimizers[0].param_groups[0]["lr"]) == 0.0  # the old schedule's end
+    first.save_checkpoint(tmp_path / "three.ckpt")
+
+    resumed, lrs = fit(6, tmp_path / "three.ckpt")
+    assert resumed.global_step == 6 and len(lrs) == 3
+    assert lrs == pytest.approx([lr * expected(s, "cosine", 0, 6, 0.0) for s in (3, 4, 5)], rel=1e-6)
+    assert lrs == pytest.approx([5e-3, 2.5e-3, lr * (1 + math.cos(5 * math.pi / 6)) / 2], rel=1e-6)
+    assert all(x > 0 for x in lrs)
+    assert isinstance(resumed.optimizers[0].param_groups[0]["lr"], torch.Tensor) == (name == "adamw_torch_8bit")
+
+
+def test_resume_with_the_same_shape_leaves_the_restored_lr_alone():
+    model = nn.Linear(4, 4)
+    opt = lit_optim.build_optimizer(model, "adamw_torch", lr=1e-2)
+    sched = build_scheduler(opt, {"name": "linear", "warmup_steps": 2}, total_steps=10)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    state, lr = sched.state_dict(), opt.param_groups[0]["lr"]
+    again = build_scheduler(opt, {"name": "linear", "warmup_steps": 2}, total_steps=10)
+    opt.param_groups[0]["lr"] = 123.0  # a marker (as if restored with the optimizer): only a reshape rewrites it
+    again.load_state_dict(state)
+    assert again.last_epoch == 4 and opt.param_groups[0]["lr"] == 123.0
+    longer = build_scheduler(opt, {"name": "linear", "warmup_steps": 2}, total_steps=20)
+    longer.load_state_dict(state)
+    assert longer.total_steps == 20 and longer.last_epoch == 4
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * expected(4, "linear", 2, 20, 0.0)) != lr
