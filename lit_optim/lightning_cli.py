@@ -178,8 +178,11 @@ class LitOptimCLI(LightningCLI):
             return  # not given; or untyped, where the mixin refuses it
         if isinstance(scheduler, Namespace):
             scheduler = scheduler.as_dict()
-        if isinstance(scheduler, str):
-            scheduler = {"name": scheduler}
+        if isinstance(scheduler, str):  # SchedulerConfig makes a name a mapping: this `scheduler` has no type
+            raise HyperparameterError(
+                f"scheduler={scheduler!r}: a bare schedule name needs `scheduler: SchedulerConfig = None` in the "
+                "module's __init__ (from lit_optim.lightning_cli import SchedulerConfig); or give a mapping "
+                f"(--model.scheduler='{{name: {scheduler}}}').")
         if not isinstance(scheduler, Mapping):
             raise HyperparameterError(f"scheduler must be a mapping like {{'name': 'cosine'}}; got {scheduler!r}.")
         import torch

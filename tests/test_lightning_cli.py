@@ -123,6 +123,9 @@ def test_a_bare_name_is_a_mapping_that_later_options_add_to(tmp_path):
     assert parse(f"--config={config}", "--model.optim.lr=1e-4").model.optim_config == {"name": "lion_8bit",
                                                                                          "lr": 1e-4}
     assert parse("--model.optim.lr=1e-3").model.optim_config == {"name": "adamw_torch", "lr": 1e-3}
+    # A mapping value, as the README writes it.
+    run = parse("--model.optim.lr_scales={embedding: 0.1}")
+    assert run.model.optim_config == {"name": "adamw_torch", "lr_scales": {"embedding": 0.1}}
 
 
 def refusal(capsys, *args: str, model=Typed) -> str:
@@ -172,10 +175,13 @@ def test_lightning_cli_optimizer_and_lr_scheduler_are_refused_with_the_fix(capsy
 def test_an_untyped_optim_parameter_says_to_annotate_it(capsys):
     line = refusal(capsys, "--model.optim.name=adamw_8bit", "--model.optim.lr=1e-3", model=Untyped)
     assert "annotate it `optim: OptimConfig = \"adamw_torch\"`" in line
+    assert "a bare schedule name needs `scheduler: SchedulerConfig = None`" in refusal(
+        capsys, "--model.scheduler=cosine", model=Untyped)
     # What works without the annotation: a bare name, and a whole mapping at once.
     assert parse("--model.optim=adamw_8bit", model=Untyped).model.optim_config == {"name": "adamw_8bit"}
-    run = parse("--model.optim={name: sgd, lr: 0.5}", model=Untyped)
+    run = parse("--model.optim={name: sgd, lr: 0.5}", "--model.scheduler={name: cosine}", model=Untyped)
     assert run.model.optim_config == {"name": "sgd", "lr": 0.5}
+    assert run.model.scheduler_config == {"name": "cosine"}
 
 
 def test_a_two_step_fit_through_the_cli(tmp_path):
