@@ -40,12 +40,14 @@ NOT_RUN = {
     ("pip", "wheel"): "builds the wheel: tests/test_packaging.py builds it the same way (tests/wheel_build.py)",
     ("python", "-m", "pytest"): "the test suite itself",
     ("ruff", "check"): "CI's test command (test_ci_runs_the_readme_test_command checks that CI runs it)",
+    ("python", "train.py"): "the LightningCLI example: tests/test_lightning_cli.py::test_readme_lightning_cli_example",
 }
 # Python blocks, by a line they contain, and the test that executes them.
 PYTHON_BLOCKS = {
     "optimizer = lit_optim.build_optimizer(model, **cfg.optim)": "test_readme_hydra_app_after_an_editable_install",
     "def configure_model(self):": "test_readme_python_snippets_run",
     'lit_optim.build_optimizer(model, "galore_adamw"': "test_readme_python_snippets_run",
+    "LitOptimCLI(Regressor)": "tests/test_lightning_cli.py::test_readme_lightning_cli_example",
 }
 # The run directory the README's resume example continues (made by the command just before it).
 README_RUN_DIR = "outputs/2026-12-06/07-08-26"
