@@ -234,3 +234,27 @@ def test_readme_hydra_app_after_an_editable_install(tmp_path):
     _, cls, where = line.split()
     assert cls == "bitsandbytes.optim.adamw.AdamW8bit"
     assert Path(where).is_relative_to(tmp_path / "editable" / "src")  # the editable install's, not this checkout's
+
+
+def test_readme_adoption_diff_applied_trains():
+    """The README's adoption diff, applied (the `+` and unchanged lines), defines a module that is made at the call
+    site the diff shows and trains with the optimizer and schedule named there."""
+    import lightning as L
+    import torch
+
+    from lit_optim import OptimizerMixin
+
+    (diff,) = [block for _, lang, block in readme_blocks() if lang == "diff"]
+    after = "\n".join(line[1:] for line in diff.splitlines() if line[:1] in ("+", " ") or line == "")
+    scope = {"L": L, "torch": torch, "OptimizerMixin": OptimizerMixin, "cfg": 16,
+             "build": lambda width: torch.nn.Linear(width, width)}
+    exec(after.replace("from lit_optim import OptimizerMixin", ""), scope)
+    model = scope["model"]
+    model.training_step = lambda batch, batch_idx=0: model.model(batch[0]).square().mean()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 16)), batch_size=8)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, data)
+    assert trainer.global_step == 2
+    assert type(trainer.optimizers[0]).__name__ == "PagedAdamW8bit"
+    assert trainer.lr_scheduler_configs, "the schedule named at the call site"
