@@ -1,8 +1,8 @@
-"""One fresh process that loads every kind's checkpoint through one path, as a user's script would: nothing imported
-but torch, Lightning and the user's module (which imports lit_optim). Prints ``RESULT {json}``: per kind, "ok" or
-the error, and whether torchao had been imported when the first checkpoint was read.
+"""A fresh process that loads every kind's checkpoint through the given paths, as a user's script would: nothing
+imported but torch, Lightning and the user's module (which imports lit_optim). Prints ``RESULT {json}``: per path and
+kind, "ok" or the error, and whether torchao had been imported when the first checkpoint was read.
 
-    python checkpoint_paths_worker.py <path> <index.json>      # path: load | fit | cli | fabric
+    python checkpoint_paths_worker.py <path>[,<path>...] <index.json>      # path: load | fit | cli | fabric
 """
 
 from __future__ import annotations
@@ -14,22 +14,23 @@ import traceback
 import torch
 
 
-def main(path: str, index_file: str) -> None:
+def main(paths: str, index_file: str) -> None:
     import checkpoint_support as cs
 
     index = json.loads(open(index_file).read())
     torchao_first = "torchao" in sys.modules  # before any checkpoint is read
-    results = {}
-    for kind, entry in index.items():
-        if path not in entry.get("paths", [path]):
-            continue
-        reference = torch.load(entry["reference"], weights_only=True)
-        try:
-            globals()[f"check_{path}"](cs, entry, reference)
-            results[kind] = "ok"
-        except Exception as e:  # noqa: BLE001 - every kind is reported, not just the first failure
-            results[kind] = f"{type(e).__name__}: {e}"
-            traceback.print_exc()
+    results: dict[str, dict[str, str]] = {}
+    for path in paths.split(","):
+        for kind, entry in index.items():
+            if path not in entry.get("paths", [path]):
+                continue
+            reference = torch.load(entry["reference"], weights_only=True)
+            try:
+                globals()[f"check_{path}"](cs, entry, reference)
+                results.setdefault(path, {})[kind] = "ok"
+            except Exception as e:  # noqa: BLE001 - every kind is reported, not just the first failure
+                results.setdefault(path, {})[kind] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
     print("RESULT " + json.dumps({"results": results, "torchao_imported_before_first_read": torchao_first}))
 
 
