@@ -46,48 +46,41 @@ def flatten(t: torch.Tensor) -> dict[str, Any]:
 
 def unflatten(d: dict[str, Any]) -> torch.Tensor:
     module, _, name = d[MARK].partition(":")
-    if not module.startswith(_MODULES):
-        raise ValueError(f"Checkpoint names optimizer-state class {d[MARK]!r}; lit_optim rebuilds only torchao's.")
-    cls = getattr(importlib.import_module(module), name)
+    cls = getattr(importlib.import_module(module), name, None) if module.startswith(_MODULES) else None
+    if not (isinstance(cls, type) and issubclass(cls, torch.Tensor) and hasattr(cls, "__tensor_unflatten__")):
+        raise ValueError(f"The checkpoint names optimizer-state class {d[MARK]!r}; lit_optim rebuilds only torchao's "
+                         "(torchao.optim.*). Was it written by another program?")
     return cls.__tensor_unflatten__(d["tensors"], d["attrs"], torch.Size(d["size"]), tuple(d["stride"]))
 
 
 def _map(value: Any, fn) -> Any:
-    """`value` with `fn` applied to every leaf; containers rebuilt only where something changed (state is shared)."""
+    """`value` with `fn` applied to every leaf (a marked dict is a leaf); containers are rebuilt only where something
+    changed, because the optimizer's live state dicts are inside a fresh state dict."""
     if isinstance(value, dict) and MARK not in value:
         out = {k: _map(v, fn) for k, v in value.items()}
         return value if all(out[k] is value[k] for k in value) else out
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):
         out = [_map(v, fn) for v in value]
         return value if all(a is b for a, b in zip(out, value)) else type(value)(out)
     return fn(value)
 
 
-def to_plain(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """The optimizer state dict with every torchao state subclass as a plain dict (the live state is not touched)."""
-    state = state_dict.get("state")
+def _with_state(state_dict: dict[str, Any], fn) -> dict[str, Any]:
+    state = state_dict.get("state") if isinstance(state_dict, dict) else None
     if not isinstance(state, dict):
         return state_dict
-    plain = _map(state, lambda v: flatten(v) if _portable(v) else v)
-    return state_dict if plain is state else {**state_dict, "state": plain}
+    mapped = _map(state, fn)
+    return state_dict if mapped is state else {**state_dict, "state": mapped}
+
+
+def to_plain(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer state dict with every torchao state subclass as a plain dict (the live state is not touched)."""
+    return _with_state(state_dict, lambda v: flatten(v) if _portable(v) else v)
 
 
 def from_plain(state_dict: dict[str, Any]) -> dict[str, Any]:
     """Undo `to_plain`: marked dicts back into their tensor subclasses; anything else as it was."""
-    state = state_dict.get("state")
-    if not isinstance(state, dict):
-        return state_dict
-
-    def walk(value: Any) -> Any:
-        if isinstance(value, dict) and MARK in value:
-            return unflatten(value)
-        if isinstance(value, dict):
-            return {k: walk(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(walk(v) for v in value)
-        return value
-
-    return {**state_dict, "state": walk(state)}
+    return _with_state(state_dict, lambda v: unflatten(v) if isinstance(v, dict) and MARK in v else v)
 
 
 def _save_hook(optimizer, state_dict):
