@@ -5,8 +5,10 @@ checkpoint holding them
 - is refused by ``torch.load(weights_only=True)`` -- the default of torch >= 2.6, and of Lightning's loaders -- in any
   process that has not imported ``torchao.optim`` yet (that import registers the classes as safe globals): a fresh
   ``Trainer.fit(ckpt_path=...)`` reads the checkpoint before the optimizer, hence torchao, is built;
-- cannot be loaded with a *callable* ``map_location`` at all (torch's ``_rebuild_wrapper_subclass`` refuses one), and
-  that is what ``LightningModule.load_from_checkpoint``, Lightning's ``TorchCheckpointIO`` and Fabric pass.
+- cannot be loaded with a *callable* ``map_location`` at all, and that is what ``LightningModule.load_from_checkpoint``,
+  Lightning's ``TorchCheckpointIO`` and Fabric pass: a callable remaps *storages*, and a wrapper subclass has none of
+  its own -- its device is pickled apart, which torch's ``_rebuild_wrapper_subclass`` can remap only with a string,
+  device or dict ("Callable map_location not supported with _rebuild_wrapper_subclass").
 
 Every optimizer `build_optimizer` returns therefore writes such a subclass as a marked dict of its inner tensors and
 attributes (``__tensor_flatten__``: codes, scale, qmap; signed, shape, dtype) and rebuilds it in ``load_state_dict``

@@ -213,7 +213,7 @@ import hydra, torch, lit_optim
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg):
-    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64))  # 4096 elements: 8-bit state
     scope = {"lit_optim": lit_optim, "model": model, "cfg": cfg}
     exec(SNIPPET, scope)
     optimizer = scope["optimizer"]
