@@ -16,7 +16,8 @@ attributes (``__tensor_flatten__``: codes, scale, qmap; signed, shape, dtype) an
 ``state_dict()`` returns is plain, so Lightning, Fabric and a hand-written ``torch.save(opt.state_dict())`` all write
 checkpoints that any process can read. Checkpoints written before this (holding the subclasses) still load.
 
-Sharded state (a DTensor around the subclass, under FSDP2) is left to torch.distributed.checkpoint, which handles it.
+Sharded state is left as it is: a DTensor around the subclass (FSDP2) goes through torch.distributed.checkpoint, and
+FSDP1's flattened parameters through FSDP's own gathering of tensor state.
 """
 
 from __future__ import annotations
@@ -85,8 +86,14 @@ def from_plain(state_dict: dict[str, Any]) -> dict[str, Any]:
     return _with_state(state_dict, lambda v: unflatten(v) if isinstance(v, dict) and MARK in v else v)
 
 
+def _fsdp1_sharded(optimizer) -> bool:
+    # FSDP1 (Lightning's strategy="fsdp") marks the parameters it flattened, and gathers the shards of every tensor in
+    # their state itself (`FSDP.optim_state_dict` calls `state_dict()` first): a plain dict would pass ungathered.
+    return any(getattr(p, "_fsdp_flattened", False) for g in optimizer.param_groups for p in g["params"])
+
+
 def _save_hook(optimizer, state_dict):
-    return to_plain(state_dict)
+    return None if _fsdp1_sharded(optimizer) else to_plain(state_dict)
 
 
 def _load_hook(optimizer, state_dict):

@@ -178,6 +178,15 @@ def test_state_dicts_with_subclasses_still_load():
                        opt.state[model.weight]["exp_avg"].codes)
 
 
+def test_fsdp1_sharded_state_is_left_to_fsdp():
+    """FSDP1 gathers the shards of tensor state after `state_dict()`; a plain dict of one shard would escape that."""
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    model, opt = _torchao_optimizer_with_state()
+    model.weight._fsdp_flattened = True  # what FSDP1 sets on the parameters it flattened
+    assert isinstance(opt.state_dict()["state"][0]["exp_avg"], OptimState8bit)
+
+
 def test_only_torchao_classes_are_rebuilt():
     """A checkpoint cannot make lit_optim import and call an arbitrary class."""
     _, opt = _torchao_optimizer_with_state()
