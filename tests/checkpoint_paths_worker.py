@@ -128,7 +128,7 @@ def _same_weights(module, reference, key: str = "weights") -> None:
 def _tmp() -> str:
     import tempfile
 
-    return tempfile.mkdtemp(prefix="ckpt_paths_")
+    return tempfile.mkdtemp(prefix="run_", dir=".")  # the test's own directory (the worker's cwd), not /tmp
 
 
 if __name__ == "__main__":
