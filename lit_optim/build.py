@@ -30,6 +30,7 @@ from lit_optim.compile_cache import prepare_for as prepare_compile_cache
 from lit_optim.errors import HyperparameterError
 from lit_optim.nesting import leaves
 from lit_optim.param_groups import GroupPlan, build_param_groups
+from lit_optim.plain_state import make_portable
 from lit_optim.registry import get_spec
 from lit_optim.spec import OptimizerSpec
 
@@ -223,5 +224,7 @@ def build_optimizer(
     elif built_spec is not spec:
         info.extra["in_backward"] = True
     optimizer.lit_optim = info
+    # torchao's state subclasses go into checkpoints as plain tensors: loadable anywhere with no import first.
+    make_portable(optimizer)
     log.info("lit_optim built %s (%s): %s", spec.name, spec.target.replace(":", "."), plan.summary())
     return optimizer

@@ -1,8 +1,11 @@
 """Checkpoint writing and loading that works for every optimizer in the registry, and never leaves a broken file.
 
-Loading: Lightning's `TorchCheckpointIO` loads with a *callable* `map_location`, which torchao's state subclasses refuse
-("Callable map_location not supported with _rebuild_wrapper_subclass"). Loading to CPU first is equivalent for
-training -- the model and optimizer `load_state_dict` move every tensor to its parameter's device -- and works for all.
+Loading: optimizers built by lit_optim write plain tensors (lit_optim/plain_state.py), which load through any path.
+Checkpoints written before that hold torchao's state subclasses: Lightning's `TorchCheckpointIO` loads with a
+*callable* `map_location`, which they refuse ("Callable map_location not supported with _rebuild_wrapper_subclass"),
+and a process that has not imported torchao.optim refuses their classes under `weights_only=True`. Loading to CPU
+first is equivalent for training -- the model and optimizer `load_state_dict` move every tensor to its parameter's
+device -- and torchao.optim is imported when such a file names it.
 
 Saving: Lightning writes through an fsspec transaction, whose temporary file lives in the *system* temp directory
 ($TMPDIR); when that is another filesystem than the checkpoints (a tmpfs /tmp, a node-local scratch disk), the final
@@ -16,7 +19,10 @@ most a hidden ``.<name>.*.partial`` file (never matched by ``*.ckpt`` or Lightni
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import os
+import pickle
 import tempfile
 from typing import Any
 
@@ -72,7 +78,15 @@ class LitOptimCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         if callable(map_location) or map_location is None:
             map_location = "cpu"
-        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except pickle.UnpicklingError as e:
+            # Written before lit_optim saved torchao state as plain tensors (lit_optim/plain_state.py): importing
+            # torchao.optim registers its state classes as safe to load. Only then, and only for such a file.
+            if "torchao.optim." not in str(e) or importlib.util.find_spec("torchao") is None:
+                raise
+            importlib.import_module("torchao.optim")
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
 def install_checkpoint_io(trainer) -> bool:

@@ -47,10 +47,24 @@ _GROUP_SYNC = ("lr", "weight_decay")
 def _hook(ref: weakref.ref) -> Callable[[torch.Tensor], None]:
     def hook(p: torch.Tensor) -> None:
         opt = ref()
-        if opt is not None and opt._in_window:
+        if opt is not None and opt._run.in_window:
             opt._step_param(p)
 
     return hook
+
+
+class _Run:
+    """What the optimizer and its gradient hooks share about the step in progress. One mutable object rather than
+    attributes: a wrapper that forwards attribute reads (Fabric's optimizer wrapper subclasses this class) keeps
+    attributes written through it to itself, so ``with wrapper.stepping():`` would never open the hooks' window."""
+
+    __slots__ = ("in_window", "sq_norm", "grad_norm", "unlogged")
+
+    def __init__(self) -> None:
+        self.in_window = False
+        self.sq_norm: torch.Tensor | None = None
+        self.grad_norm: torch.Tensor | None = None
+        self.unlogged = False
 
 
 class InBackwardOptimizer(CompositeOptimizer):
@@ -73,10 +87,7 @@ class InBackwardOptimizer(CompositeOptimizer):
                 self._group_of[id(p)] = gi
                 self._subs[id(p)] = make_sub({**hp, "params": [p]})
         share_qmaps(self.lit_optim_inner_optimizers())
-        self._in_window = False
-        self._sq_norm: torch.Tensor | None = None
-        self.last_grad_norm: torch.Tensor | None = None
-        self._norm_unlogged = False
+        self._run = _Run()
         ref = weakref.ref(self)
         self._handles = [p.register_post_accumulate_grad_hook(_hook(ref)) for p in self._params()]
 
@@ -99,11 +110,17 @@ class InBackwardOptimizer(CompositeOptimizer):
     @contextlib.contextmanager
     def stepping(self):
         """Backward passes inside this block step each parameter as its gradient completes."""
-        previous, self._in_window = self._in_window, True
+        run = self._run
+        previous, run.in_window = run.in_window, True
         try:
             yield self
         finally:
-            self._in_window = previous
+            run.in_window = previous
+
+    @property
+    def last_grad_norm(self) -> torch.Tensor | None:
+        """The global gradient norm (before clipping) of the last step."""
+        return self._run.grad_norm
 
     @torch.no_grad()
     def _step_param(self, p: torch.Tensor) -> None:
@@ -112,7 +129,8 @@ class InBackwardOptimizer(CompositeOptimizer):
             return
         norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
         sq = norm.square()
-        self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq.to(self._sq_norm.device)
+        run = self._run
+        run.sq_norm = sq if run.sq_norm is None else run.sq_norm + sq.to(run.sq_norm.device)
         if self.clip_per_param_norm is not None:
             grad.mul_((self.clip_per_param_norm / (norm + 1e-6)).clamp_(max=1.0).to(grad.dtype))
         group = self.param_groups[self._group_of[id(p)]]
@@ -133,18 +151,19 @@ class InBackwardOptimizer(CompositeOptimizer):
         for p in self._params():  # gradients not consumed in backward (see the module docstring)
             if p.grad is not None:
                 self._step_param(p)
-        if self._sq_norm is not None:
-            self.last_grad_norm = self._sq_norm.sqrt()
-            self._norm_unlogged = True
-        self._sq_norm = None
+        run = self._run
+        if run.sq_norm is not None:
+            run.grad_norm, run.unlogged = run.sq_norm.sqrt(), True
+        run.sq_norm = None
         return loss
 
     def pop_grad_norm(self) -> torch.Tensor | None:
         """The global gradient norm of the last step, once (for logging); None if already taken or no step yet."""
-        if not self._norm_unlogged:
+        run = self._run
+        if not run.unlogged:
             return None
-        self._norm_unlogged = False
-        return self.last_grad_norm
+        run.unlogged = False
+        return run.grad_norm
 
     # --- Lightning ------------------------------------------------------------------------------------------------
     def check_trainer(self, trainer, pl_module=None) -> None:
