@@ -32,6 +32,7 @@ __all__ = [
     "UnsupportedOptimizerError",
     "build_optimizer",
     "callbacks",
+    "compare",
     "describe",
     "from_hf_training_args",
     "get_spec",
@@ -51,6 +52,10 @@ def __getattr__(name: str):
         from lit_optim.mixin import OptimizerMixin
 
         return OptimizerMixin
+    if name == "compare":  # runs training processes: nothing of it is imported until used
+        from lit_optim.comparison import compare
+
+        return compare
     if name in _LAZY_SUBMODULES:
         import importlib
 
@@ -59,4 +64,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), "OptimizerMixin", *_LAZY_SUBMODULES])
+    return sorted([*globals(), "OptimizerMixin", "compare", *_LAZY_SUBMODULES])
