@@ -130,15 +130,33 @@ def test_plots_are_png_images(compared):
         assert data.startswith(PNG) and len(data) > 1000, name
 
 
-def test_python_api_returns_the_table_it_wrote_and_works_without_matplotlib(tmp_path, monkeypatch):
-    """`lit_optim.compare(...)`: the same table as the files, rows with the run's metrics; without matplotlib the
-    tables are still written and one line says how to get the plots."""
+def wandb_group_and_name(run_dir: Path) -> tuple[str, str]:
+    from wandb.proto import wandb_internal_pb2
+
+    from lit_optim.wandb_offline import iter_payloads
+
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")  # (wandb/latest-run links to it)
+    for payload in iter_payloads(path):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "run":
+            return record.run.run_group, record.run.display_name
+    raise AssertionError(f"no run record in {path}")
+
+
+def test_python_api_returns_the_table_it_wrote_with_wandb_and_without_matplotlib(tmp_path, monkeypatch):
+    """`lit_optim.compare(...)`: the same table as the files, rows with the run's metrics. With logger=wandb the run
+    is in the W&B group named after the output directory, named after its optimizer, and the table is read from the
+    CSV beside it. Without matplotlib the tables are still written and one line says how to get the plots."""
     import lit_optim
 
     monkeypatch.setattr(plots, "have_matplotlib", lambda: False)
-    monkeypatch.setenv("PYTHONPATH", env()["PYTHONPATH"])
+    for key, value in env().items():
+        monkeypatch.setenv(key, value)
     lines: list[str] = []
-    result = lit_optim.compare(optims=["adafactor"], overrides=SMALL, out=tmp_path / "api", echo=lines.append)
+    result = lit_optim.compare(optims=["adafactor"], overrides=[*SMALL, "logger=wandb"], out=tmp_path / "api",
+                               echo=lines.append)
+    assert wandb_group_and_name(result.path / "runs" / "adafactor") == ("api", "adafactor")
     assert result.path == (tmp_path / "api").resolve()
     assert result.table == (result.path / "comparison.md").read_text().strip() == str(result)
     assert result.files == [result.path / "comparison.md", result.path / "comparison.csv"]
