@@ -26,7 +26,6 @@ the one the cold row filled: the first step of a user's second run.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -37,6 +36,10 @@ from pathlib import Path
 
 GIB = 2**30
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from the clone: the package next to it
+
+from lit_optim.run_metrics import RunMetrics, failure_reason  # noqa: E402
+
 SEED = ["adamw_torch", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit"]
 # The seed recipe's model, schedule and precision, with one micro-batch per optimizer step: the optimizer step
 # sets the pace, as at small batches on a big model.
@@ -88,21 +91,6 @@ def suite(name: str) -> list[Row]:
     raise SystemExit(f"unknown suite {name!r}")
 
 
-def read_metrics(path: Path) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    if not path.is_file():
-        return out
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            for key, value in row.items():
-                if value not in (None, ""):
-                    try:
-                        out.setdefault(key, []).append(float(value))
-                    except ValueError:
-                        pass
-    return out
-
-
 def run_row(label: str, overrides: list[str], workdir: Path, env: dict[str, str], timeout: float) -> dict:
     rundir = workdir / label.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "-").replace("+", "_")
     cmd = [sys.executable, "-m", "lit_optim.train", *overrides, f"hydra.run.dir={rundir}", "logger=csv",
@@ -127,21 +115,15 @@ def run_row(label: str, overrides: list[str], workdir: Path, env: dict[str, str]
             proc.returncode = os.waitstatus_to_exitcode(status) if pid else -9
     wall = time.time() - start
     text = (workdir / f"{rundir.name}.log").read_text(errors="replace")
-    # A failed run's last "lit-optim:" line is its one-line reason (a finished run's summary lines start so too).
-    error = None
-    if proc.returncode != 0:
-        error = next((line for line in reversed(text.splitlines()) if line.startswith("lit-optim:")), None)
-    if error is None and proc.returncode != 0:
-        error = next((line for line in reversed(text.splitlines()) if "Error" in line), "failed")
-    # The CSV logger's folder is the run's logger name (recipes name theirs): take whichever metrics.csv is there.
-    found = sorted(rundir.glob("*/version_*/metrics.csv"))
-    m = read_metrics(found[-1]) if found else {}
+    error = failure_reason(text, proc.returncode)
+    m = RunMetrics.find(rundir)
 
     def last(key):
-        return m[key][-1] if m.get(key) else None
+        return m.last(key)
 
     def top(key, scale=1.0):
-        return max(m[key]) / scale if m.get(key) else None
+        value = m.max(key)
+        return None if value is None else value / scale
 
     reserved = top("memory/peak_reserved_bytes", GIB)
     row = {
@@ -157,7 +139,7 @@ def run_row(label: str, overrides: list[str], workdir: Path, env: dict[str, str]
         "host_rss_gib": top("memory/host_peak_rss_bytes", GIB), "host_rss_lifetime_gib": usage.ru_maxrss * 1024 / GIB,
         "state_b_per_param": last("optim_state/bytes_per_param"),
         "fits": {g: reserved <= g for g in (24, 40, 80)} if reserved is not None else None,
-        "steps_logged": len(m.get("timing/optimizer_step_ms", [])),
+        "steps_logged": len(m.values("timing/optimizer_step_ms")),
     }
     return row
 

@@ -32,6 +32,7 @@ __all__ = [
     "UnsupportedOptimizerError",
     "build_optimizer",
     "callbacks",
+    "compare",
     "describe",
     "estimate",
     "from_hf_training_args",
@@ -56,6 +57,10 @@ def __getattr__(name: str):
         from lit_optim.memory_estimate import estimate
 
         return estimate
+    if name == "compare":  # runs training processes: nothing of it is imported until used
+        from lit_optim.comparison import compare
+
+        return compare
     if name in _LAZY_SUBMODULES:
         import importlib
 
@@ -64,4 +69,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), "OptimizerMixin", "estimate", *_LAZY_SUBMODULES])
+    return sorted([*globals(), "OptimizerMixin", "compare", "estimate", *_LAZY_SUBMODULES])

@@ -3,6 +3,7 @@
     lit-optim train [hydra overrides...]   train (see conf/train.yaml), e.g. optim=paged_adamw_8bit optim.lr=2e-5
     lit-optim list [PATTERN] [--markdown]  the registry as a table, with availability on this machine
     lit-optim describe NAME                one optimizer in detail
+    lit-optim compare optim=a,b,c [...]    train once per optimizer, compare them (table, plots)
     lit-optim estimate [overrides] [optim=a,b] [--budget-gib N]   each optimizer's peak memory, before training
 """
 
@@ -72,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             main_module.__spec__ = importlib.util.find_spec("lit_optim.train")
         train.main()
         return 0
+    if argv and argv[0] == "compare":
+        from lit_optim.comparison.cli import main as compare_main
+
+        return compare_main(argv[1:])
     parser = argparse.ArgumentParser(prog="lit-optim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p_list = sub.add_parser("list", help="list optimizers")
     p_list.add_argument("pattern", nargs="?", help="shell-style filter, e.g. '*8bit*'")
     p_list.add_argument("--markdown", action="store_true", help="a Markdown table (as in the README)")
+    sub.add_parser("compare", help="train once per optimizer and compare (see `lit-optim compare --help`)")
     p_desc = sub.add_parser("describe", help="describe one optimizer")
     p_desc.add_argument("name")
     sub.add_parser("estimate", help="peak memory per optimizer before training (see `lit-optim estimate --help`)")

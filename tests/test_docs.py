@@ -98,12 +98,14 @@ def readme_lit_optim_commands() -> list[list[str]]:
 
 def shrunk(args: list[str], index: int) -> list[str]:
     """`lit-optim` arguments (without the program name) at small size, each run in its own directory."""
-    if args[0] != "train":
+    if args[0] not in ("train", "compare"):
         return args
     key = lambda arg: arg.split("=", 1)[0].lstrip("+~")  # noqa: E731
     small = dict(SMALL)
     out = [f"{key(a)}={small.pop(key(a))}" if "=" in a and key(a) in small else a for a in args]
     out += [f"{k}={v}" for k, v in small.items()]
+    if args[0] == "compare":  # it puts each run under its own output directory
+        return [*out, "--out", f"run{index}"]
     where = "hydra.sweep.dir" if "-m" in args or "--multirun" in args else "hydra.run.dir"
     return [*out, f"{where}=run{index}"]
 
@@ -156,6 +158,10 @@ def test_readme_commands_run_at_small_size(tmp_path):
             jobs = [a for a in args if a.startswith("optim=")] or ["one"]
             sweep = len(jobs[0].split(",")) if "-m" in args else 1
             assert outputs[i].count("lit-optim: finished") == sweep, (args, outputs[i][-3000:])
+        elif args[0] == "compare":  # every run succeeded and the table was printed, one row per optimizer
+            names = next(a for a in args if a.startswith("optim=")).split("=", 1)[1].split(",")
+            assert all(f"{name}: ok in" in outputs[i] for name in names), (args, outputs[i][-3000:])
+            assert all(f"| `{name}` | ok |" in outputs[i] for name in names), (args, outputs[i][-3000:])
 
     # The sweep: one directory per optimizer, named after it, each with its own W&B run.
     (sweep,) = [(i, a) for i, a in enumerate(commands) if "-m" in a]
