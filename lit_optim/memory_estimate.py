@@ -33,6 +33,7 @@ from torch import nn
 
 from lit_optim.build import build_optimizer
 from lit_optim.errors import LitOptimError
+from lit_optim.nesting import leaves as nested_leaves
 from lit_optim.registry import get_spec
 from lit_optim.state_theory import expected_state_bytes
 
@@ -129,21 +130,9 @@ def _as_config(optim: str | Mapping[str, Any]) -> dict[str, Any]:
     return {"name": optim} if isinstance(optim, str) else dict(optim)
 
 
-def _leaves(optimizer) -> list:
-    out, todo = [], [optimizer]
-    while todo:
-        opt = todo.pop()
-        inner = getattr(opt, "lit_optim_inner_optimizers", None)
-        if callable(inner):
-            todo.extend(inner())
-        else:
-            out.append(opt)
-    return out
-
-
 def _step_temporaries(spec, optimizer, params: list[torch.Tensor], in_backward: bool) -> float:
     largest = max((p.numel() for p in params), default=0)
-    leaves = _leaves(optimizer)
+    leaves = list(nested_leaves([optimizer]))
     if spec.backend == "torchao":
         return 3 * 4 * largest
     temp = 0.0
