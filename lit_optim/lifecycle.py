@@ -1,6 +1,7 @@
 """The callback `OptimizerMixin` adds to every run: what a memory-efficient optimizer needs from the Trainer.
 
-- swap in `LitOptimCheckpointIO` so torchao state can resume;
+- swap in `LitOptimCheckpointIO` (atomic saves; checkpoints written before optimizer state was saved as plain
+  tensors still load);
 - schedule-free optimizers follow the module: `optimizer.train()` while training, `.eval()` for validation, at the end
   and around checkpoints' evaluation weights;
 - bitsandbytes paged optimizers get their state put back into paged memory after a resume (its `load_state_dict`
