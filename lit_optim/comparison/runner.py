@@ -95,6 +95,8 @@ def run_overrides(name: str, overrides: Sequence[str], run_dir: Path, group: str
         out.append("++callbacks.checkpoint=null")
     if "trainer.enable_progress_bar" not in keys:
         out.append("trainer.enable_progress_bar=false")  # the output goes to a file
+    if "trainer.log_every_n_steps" not in keys:
+        out.append("trainer.log_every_n_steps=1")  # every step's loss for the curves, short runs included
     return [*out, f"+callbacks.comparison_recorder._target_={RECORDER}", f"optim={name}",
             f"hydra.run.dir={_quoted(str(run_dir))}"]
 
