@@ -25,7 +25,7 @@ The device peak is the larger of the backward phase (weights, gradients, device 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from torch import nn
 from lit_optim.build import build_optimizer
 from lit_optim.errors import LitOptimError
 from lit_optim.nesting import leaves as nested_leaves
+from lit_optim.optimizers.in_backward import InBackwardOptimizer
 from lit_optim.registry import get_spec
 from lit_optim.state_theory import expected_state_bytes
 
@@ -57,7 +58,6 @@ class Estimate:
     step_temporaries: float = 0.0
     host: float = 0.0  # host copies of parameters and gradients when offloaded, besides the state
     error: str | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def peak_device(self) -> float:
@@ -69,7 +69,7 @@ class Estimate:
         return None if budget_gib is None or self.error else self.peak_device <= budget_gib * GIB
 
     def row(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k != "notes"}
+        out = asdict(self)
         out["peak_device"] = self.peak_device
         return out
 
@@ -146,10 +146,6 @@ def _step_temporaries(spec, optimizer, params: list[torch.Tensor], in_backward: 
     return temp
 
 
-def _state_bytes(optimizer, params: list[torch.Tensor]) -> float:
-    return sum(expected_state_bytes(optimizer, p) for p in params)
-
-
 def estimate_one(model: nn.Module, optim: str | Mapping[str, Any], work: Workload) -> Estimate:
     cfg = _as_config(optim)
     name = str(cfg.get("name"))
@@ -160,23 +156,21 @@ def estimate_one(model: nn.Module, optim: str | Mapping[str, Any], work: Workloa
     offload_grads = bool(cfg.pop("offload_gradients", False))
     try:
         spec = get_spec(name)
-        # Offloaded state has the same theory as the name's own; what moves is where it lives.
-        optimizer = build_optimizer(model, **{k: v for k, v in cfg.items()})
+        # Built without offload: the state has the same theory either way; offload only moves where it lives.
+        optimizer = build_optimizer(model, **cfg)
     except LitOptimError as err:
         est.error = str(err)
         return est
-    in_backward = bool(cfg.get("in_backward")) or "in_backward" in optimizer.lit_optim.extra or \
-        type(optimizer).__name__ in ("InBackwardOptimizer", "Lomo", "AdaLomo")
+    in_backward = isinstance(optimizer, InBackwardOptimizer)  # *_layerwise, in_backward=true, LOMO, AdaLomo
     largest_grad = max((p.numel() * p.element_size() for p in params), default=0)
     grads = sum(p.numel() * p.element_size() for p in params)
     est.gradients = largest_grad if in_backward else grads
-    state = _state_bytes(optimizer, params)
+    state = sum(expected_state_bytes(optimizer, p) for p in params)
     if offload:
         est.state_host = state
         est.host = est.weights + grads  # master copies of the parameters and their gradients on the host
-        if offload_grads:
+        if offload_grads:  # each gradient moves to the host as backward completes it
             est.gradients = largest_grad
-            est.notes.append("gradients move to the host during backward")
     elif spec.paged:
         est.state_managed = state
     else:
@@ -187,8 +181,7 @@ def estimate_one(model: nn.Module, optim: str | Mapping[str, Any], work: Workloa
 
 
 def estimate(model: nn.Module | Mapping[str, Any], optims: Sequence[str | Mapping[str, Any]], *,
-             batch: int = 1, seq_len: int = 512, checkpointing: bool | None = None,
-             budget_gib: float | None = None) -> list[Estimate]:
+             batch: int = 1, seq_len: int = 512, checkpointing: bool | None = None) -> list[Estimate]:
     """Peak-memory estimates for each of `optims` on `model` (a module, or a model config to build on meta)."""
     if isinstance(model, Mapping):
         config = dict(model)
@@ -252,14 +245,10 @@ def estimate_run(overrides: Sequence[str], optims: Sequence[str] = ()) -> tuple[
     """Estimates for a `lit-optim train` command line: its model, batch and optimizer (or each of `optims`, with
     the command line's other ``optim.*`` settings)."""
     configs = [compose_run([*overrides, f"optim={name}"]) for name in optims] if optims else [compose_run(overrides)]
-    model_cfg = configs[0]["model"]
     data = configs[0].get("data") or {}
-    model = meta_model(model_cfg)
-    dtypes = {p.dtype for p in model.parameters()}
-    work = Workload(int(data.get("batch_size") or 1), int(data.get("seq_len") or 512),
-                    bool(model_cfg.get("gradient_checkpointing", False)),
-                    2 if dtypes <= {torch.bfloat16, torch.float16} else 4)
-    return [estimate_one(model, dict(c["optim"]), work) for c in configs], configs[0]
+    estimates = estimate(configs[0]["model"], [dict(c["optim"]) for c in configs],
+                         batch=int(data.get("batch_size") or 1), seq_len=int(data.get("seq_len") or 512))
+    return estimates, configs[0]
 
 
 def main(argv: Sequence[str]) -> int:

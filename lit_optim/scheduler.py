@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LRScheduler
 
 from lit_optim.errors import HyperparameterError
+from lit_optim.optimizers.composite import set_group_value
 
 SCHEDULES = ("constant", "linear", "cosine")
 SHAPE = ("schedule", "total_steps", "warmup_steps", "min_lr_ratio")  # from the run's config, not the checkpoint
@@ -81,10 +82,7 @@ class WarmupSchedule(LRScheduler):
         # step must use the new shape's value instead.
         values = self.get_lr()
         for group, lr in zip(self.optimizer.param_groups, values):
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].fill_(lr)  # torchao: in place
-            else:
-                group["lr"] = lr
+            set_group_value(group, "lr", lr)  # torchao's tensor LR in place
         self._last_lr = list(values)
         changed = ", ".join(f"{k} {saved[k]} -> {current[k]}" for k in SHAPE if k in saved and saved[k] != current[k])
         rank_zero_info(f"lit_optim: resumed LR schedule reshaped to this run ({changed}); the LR factor "

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lit_optim.bnb_adapter import private_override_manager
+from lit_optim.bnb_adapter import isolate
 from lit_optim.errors import (
     BackendNotInstalledError,
     DeviceRequirementError,
@@ -132,10 +132,8 @@ def construct(spec: OptimizerSpec, groups: list[dict], kwargs: Mapping[str, Any]
         shown = {k: v for k, v in ctor.items() if not isinstance(v, (list, dict))}
         raise HyperparameterError(f"Optimizer {spec.name!r} ({spec.target.replace(':', '.')}) refused its "
                                   f"hyperparameters {shown}: {err}") from err
-    if spec.backend == "bitsandbytes":
-        mine = {id(p) for g in groups for p in g["params"]}
-        fp32 = [p for p in (context.fp32_state_params if context else ()) if id(p) in mine]
-        private_override_manager(opt, fp32)
+    mine = {id(p) for g in groups for p in g["params"]}
+    isolate(opt, [p for p in (context.fp32_state_params if context else ()) if id(p) in mine])
     verify(opt, spec)
     return opt
 

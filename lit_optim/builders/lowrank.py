@@ -56,7 +56,8 @@ def lowrank_builder(groups, spec: OptimizerSpec, kwargs: dict, context: BuildCon
     """Resolve ``target_modules`` on the model, split own and inner hyperparameters, and construct the class with a
     factory of the inner spec."""
     kwargs = dict(kwargs)
-    kwargs.pop("inner", None) if inner is not None else None  # the name fixes it (kept in `fixed` for display)
+    if inner is not None:
+        kwargs.pop("inner", None)  # the name fixes it (kept in `fixed` for display)
     target_modules = kwargs.pop("target_modules", None)
     infos = list(context.param_info.values()) if context is not None else []
     targets = select_targets(infos, context.model if context is not None else None, target_modules)

@@ -37,7 +37,6 @@ RANGES: Mapping[str, tuple[float, bool, float, bool, str]] = {
     "min_8bit_size": (0.0, True, math.inf, False, "a tensor size"),
     "rank": (1.0, True, math.inf, False, "a projection rank"),
     "update_proj_gap": (1.0, True, math.inf, False, "a number of steps"),
-    "clip_per_param_norm": (0.0, False, math.inf, False, "a gradient norm"),
 }
 INTEGER_KEYS = {"block_size", "min_8bit_size", "rank", "update_proj_gap"}
 
@@ -139,17 +138,15 @@ def _lowrank_parts(optimizer) -> list[LowRankOptimizer]:
 def check_rank(spec: OptimizerSpec, optimizer, user_keys: Iterable[str]) -> None:
     """A projection whose rank reaches a weight's smaller side saves nothing there (it adds the projector): warned
     with the numbers; refused when the user's rank exceeds every projected weight's smaller side."""
-    full, targets, widest = 0, 0, 0  # widest: the largest smaller side among the targets
+    full, targets, widest, rank = 0, 0, 0, 0  # widest: the largest smaller side among the targets
     for part in _lowrank_parts(optimizer):
+        rank = int(part.param_groups[0]["rank"])
         for p in part.targets:
-            group = part.param_groups[part._group_of[id(p)]]
-            side = min(p.shape)
             targets += 1
-            widest = max(widest, side)
-            full += int(group["rank"]) >= side
-    if not targets or not full:
+            widest = max(widest, min(p.shape))
+            full += rank >= min(p.shape)
+    if not full:
         return
-    rank = next(int(part.param_groups[0]["rank"]) for part in _lowrank_parts(optimizer))
     what = (f"rank={rank} reaches the smaller side of {full} of {targets} projected weights (the largest smaller "
             f"side is {widest}): those keep full-rank state plus a projector, more than AdamW")
     if full == targets and rank > widest and "rank" in set(user_keys):  # no weight is even as wide as the rank
