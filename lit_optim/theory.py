@@ -89,3 +89,16 @@ def bnb_sgd(bits: int):
         return bnb_states(1, bits)(shape, hp) if hp.get("momentum", 0) else 0.0
 
     return theory
+
+
+# --- lit_optim fused low-bit optimizers: every tensor padded to whole blocks, one fp32 scale per block ----------
+FUSED_DEFAULT_BLOCK = {8: 256, 4: 128}
+
+
+def fused_lowbit_states(count: int, bits: int):
+    def theory(shape: Shape, hp: Mapping[str, Any]) -> float:
+        block = hp.get("block_size") or FUSED_DEFAULT_BLOCK[bits]
+        blocks = max(1, math.ceil(math.prod(shape) / block))
+        return count * blocks * (block * bits / 8 + FP32)
+
+    return theory

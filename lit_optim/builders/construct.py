@@ -120,6 +120,11 @@ def construct(spec: OptimizerSpec, groups: list[dict], kwargs: Mapping[str, Any]
     offload. Of ``context.fp32_state_params``, those in `groups` keep 32-bit state (bitsandbytes only).
     """
     ctor = {**spec.defaults, **dict(kwargs), **spec.fixed}
+    if spec.backend == "optimi" and ctor.get("triton") is None \
+            and not all(p.is_cuda for g in groups for p in g["params"]):
+        # optimi takes its Triton step whenever Triton imports, even for CPU tensors (plain or offloaded host
+        # copies), and Triton has no CPU driver ("0 active drivers"): keep those on optimi's torch path.
+        ctor["triton"] = False
     try:
         if spec.builder is not None:
             opt = spec.builder(groups, spec, ctor, context)

@@ -1,0 +1,84 @@
+"""The low-bit step in plain torch, one tensor at a time: the semantics of lit_optim's fused optimizers.
+
+`step_tensor` is what the Triton kernel computes, operation for operation in fp32 (no fused multiply-adds), so on
+the same inputs the two agree bit for bit; CPU training uses this path directly. Moments are decoded, updated,
+used for the parameter's update at full precision, then encoded again (see `codes`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lit_optim.kernels import codes
+
+ADAM, ADAMW, LION = 0, 1, 2
+MOMENTS = {ADAM: 2, ADAMW: 2, LION: 1}
+
+
+def _fp32(value, device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=torch.float32).reshape(())
+    return torch.tensor(value, dtype=torch.float32, device=device)
+
+
+def round_to_bf16_stochastic(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """fp32 -> bf16, rounding up with probability equal to the dropped fraction (unbiased in expectation)."""
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    bits = (x.view(torch.int32) + noise) & -65536
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
+def _store(state: dict, key: str, new_codes: torch.Tensor, scale: torch.Tensor) -> None:
+    # In place: the state tensors keep their identity (and storage) across steps, as the kernel's do.
+    state[key].copy_(new_codes)
+    state[key + "_scale"].copy_(scale)
+
+
+@torch.no_grad()
+def step_tensor(p: torch.Tensor, grad: torch.Tensor, state: dict, *, mode: int, bits: int, block_size: int,
+                lr, beta1: float, beta2: float, eps: float, weight_decay: float, inv_bc1: float = 1.0,
+                inv_sqrt_bc2: float = 1.0, stochastic_rounding: bool = False,
+                generator: torch.Generator | None = None) -> None:
+    """One step of `mode` (ADAM, ADAMW or LION) for parameter `p` in place; `state` holds its codes and scales.
+
+    ``inv_bc1 = 1 / (1 - beta1**t)`` and ``inv_sqrt_bc2 = 1 / sqrt(1 - beta2**t)`` (Adam's bias corrections).
+    """
+    dev, n = p.device, p.numel()
+    blocks = codes.num_blocks(n, block_size)
+    shape = (blocks, block_size)
+    pad = blocks * block_size - n
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t.reshape(-1).float(), (0, pad)).view(shape)
+
+    f = lambda v: _fp32(v, dev)  # noqa: E731 - every scalar in fp32, as the kernel has it
+    one, lr32, b1, b2, wd = f(1.0), f(lr), f(beta1), f(beta2), f(weight_decay)
+    p32, g = padded(p), padded(grad)
+    valid = (torch.arange(blocks * block_size, device=dev) < n).view(shape)
+    m = codes.decode(state["exp_avg"], state["exp_avg_scale"], bits, block_size, signed=True)
+
+    if mode == LION:
+        c = b1 * m + (one - b1) * g
+        direction = torch.sign(c)
+        new_p = p32 * (one - lr32 * wd) - lr32 * direction
+        m = b2 * m + (one - b2) * g
+    else:
+        v = codes.decode(state["exp_avg_sq"], state["exp_avg_sq_scale"], bits, block_size, signed=False)
+        if mode == ADAM:
+            g = g + wd * p32
+        m = b1 * m + (one - b1) * g
+        v = b2 * v + (one - b2) * (g * g)
+        if mode == ADAMW:
+            p32 = p32 * (one - lr32 * wd)
+        denom = torch.sqrt(v) * f(inv_sqrt_bc2) + f(eps)
+        new_p = p32 - (lr32 * f(inv_bc1)) * (m / denom)
+        v = torch.where(valid, v, 0.0)
+        _store(state, "exp_avg_sq", *codes.encode(v, bits, signed=False))
+
+    m = torch.where(valid, m, 0.0)
+    _store(state, "exp_avg", *codes.encode(m, bits, signed=True))
+    flat = new_p.reshape(-1)[:n]
+    if stochastic_rounding and p.dtype == torch.bfloat16:
+        p.copy_(round_to_bf16_stochastic(flat.contiguous(), generator).view_as(p))
+    else:
+        p.copy_(flat.view_as(p))

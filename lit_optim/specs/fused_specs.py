@@ -1,0 +1,36 @@
+"""lit_optim's own fused low-bit optimizers (`lit_optim.optimizers.lowbit`): one Triton launch per step on CUDA, the
+same math in plain torch on CPU."""
+
+from __future__ import annotations
+
+from lit_optim import theory
+from lit_optim.spec import CPU, DDP, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
+
+SPECS: list[OptimizerSpec] = []  # in registry order; lit_optim/specs/all.py collects them
+register = SPECS.append
+
+# FSDP2 is left out until sharded checkpoints of the codes are tested (a shard is quantized like a whole tensor).
+_SUPPORTS = frozenset({CPU, DDP, GRAD_CLIP, GRAD_ACCUM})
+_NOTE = ("Every tensor gets low-bit state (the last block padded), whatever its size. CUDA: one fused Triton launch "
+         "per step, no compilation per shape; CPU: the same math in plain torch. stochastic_rounding=True rounds "
+         "bf16 parameters stochastically.")
+_CODES = {8: "int8 sqrt-companded first moment, uint8 fourth-root second moment",
+          4: "4-bit sqrt-companded first moment, 4-bit fourth-root second moment"}
+
+for prefix, cls, label in (("adamw", "LowBitAdamW", "AdamW"), ("adam", "LowBitAdam", "Adam (L2 weight decay)")):
+    for bits in (8, 4):
+        register(OptimizerSpec(
+            name=f"{prefix}_fused_{bits}bit", backend="lit_optim", target=f"lit_optim.optimizers.lowbit:{cls}",
+            bits=bits, fixed={"bits": bits}, state_bytes=theory.fused_lowbit_states(2, bits), supports=_SUPPORTS,
+            notes=_NOTE,
+            description=f"lit_optim {label}, fused step: block-wise ({theory.FUSED_DEFAULT_BLOCK[bits]}) "
+                        f"{_CODES[bits]}.",
+        ))
+for bits in (8, 4):
+    register(OptimizerSpec(
+        name=f"lion_fused_{bits}bit", backend="lit_optim", target="lit_optim.optimizers.lowbit:LowBitLion",
+        bits=bits, fixed={"bits": bits}, state_bytes=theory.fused_lowbit_states(1, bits), supports=_SUPPORTS,
+        notes=_NOTE,
+        description=f"lit_optim Lion, fused step: one block-wise ({theory.FUSED_DEFAULT_BLOCK[bits]}) {bits}-bit "
+                    "sqrt-companded momentum.",
+    ))
