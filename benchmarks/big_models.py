@@ -16,6 +16,7 @@ Suites (one H200; transformers, torchao, bitsandbytes needed):
     python benchmarks/big_models.py --suite seed --out seed.json          # the 4 seed recipes, 8B, 1 x 32 accumulation
     python benchmarks/big_models.py --suite budget40 --out budget40.json  # the same under max_device_memory_gib=40
     python benchmarks/big_models.py --suite memory_bound --out mb.json    # 8B, no accumulation, per optimizer
+    python benchmarks/big_models.py --suite fused --out fused.json        # the same setting: fused vs 8-bit steps
     python benchmarks/big_models.py --suite scale --out scale.json        # 24 GiB and 30B recipes, 1B offload
     python benchmarks/big_models.py --suite tiny                          # CPU smoke test of this script (CI)
 
@@ -41,6 +42,8 @@ sys.path.insert(0, str(ROOT))  # run as a script from the clone: the package nex
 from lit_optim.run_metrics import RunMetrics, failure_reason  # noqa: E402
 
 SEED = ["adamw_torch", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit"]
+# torch's fused AdamW (bf16 state), lit_optim's fused 8/4-bit Triton steps, torchao's and bitsandbytes' 8-bit AdamW.
+FUSED = ["adamw_torch_fused", "adamw_fused_8bit", "adamw_fused_4bit", "adamw_torch_8bit", "adamw_bnb_8bit"]
 # The seed recipe's model, schedule and precision, with one micro-batch per optimizer step: the optimizer step
 # sets the pace, as at small batches on a big model.
 MEMORY_BOUND = ["recipe=llama31_8b_adamw_torch", "trainer.accumulate_grad_batches=1", "trainer.max_steps=12",
@@ -67,7 +70,11 @@ def suite(name: str) -> list[Row]:
             ("adamw_torch_4bit (warm)", [*mb, "optim=adamw_torch_4bit"], "reuse:adamw_torch_4bit (cold)"),
             ("adamw_8bit", [*mb, "optim=adamw_8bit"], None),
             ("paged_adamw_8bit", [*mb, "optim=paged_adamw_8bit"], None),
+            ("adamw_fused_8bit", [*mb, "optim=adamw_fused_8bit"], None),  # lit_optim's fused Triton kernels
+            ("adamw_fused_4bit", [*mb, "optim=adamw_fused_4bit"], None),
         ]
+    if name == "fused":  # issue 13's end-to-end comparison: the fused low-bit steps against fused AdamW and 8-bit
+        return [(f"fused {o}", [*MEMORY_BOUND, f"optim={o}"], None) for o in FUSED]
     if name == "offload":
         mb = [*MEMORY_BOUND[:2], "trainer.max_steps=6", "callbacks.step_timing.warmup_steps=2"]
         return [
