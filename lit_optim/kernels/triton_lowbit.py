@@ -77,7 +77,7 @@ def _update(p, g, m, v, lr, beta1, beta2, eps, wd, inv_bc1, inv_sqrt_bc2, MODE: 
 @triton.jit
 def _store_param(ptr, idx, ok, x, seed, P_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
     if STOCHASTIC:
-        noise = tl.randint(seed, idx.to(tl.int32)) & 0xFFFF
+        noise = (tl.randint(seed, idx.to(tl.int32)) & 0xFFFF).to(tl.int32)
         bits = (x.to(tl.int32, bitcast=True) + noise) & -65536
         x = bits.to(tl.float32, bitcast=True)
     tl.store(ptr + idx, x.to(P_DTYPE), mask=ok)
