@@ -56,13 +56,16 @@ def sweep(bits: int, block: int, params, grads, report) -> None:
     hp = dict(mode=ADAMW, bits=bits, block_size=block, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
               weight_decay=0.01, inv_bc1=1.0, inv_sqrt_bc2=1.0)
     t0 = time.perf_counter()
-    step_many(work, grads, states, **hp)
+    compiled = step_many(work, grads, states, **hp)
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
+    ptx = compiled.asm.get("ptx", "")
+    print(f"{bits}-bit kernel: fma.rn.f32 in PTX {ptx.count('fma.rn.f32')}, ld.global.v4 {ptx.count('ld.global.v4')}, "
+          f"registers {getattr(compiled, 'n_regs', '?')}, spills {getattr(compiled, 'n_spills', '?')}")
     report(f"lit_optim {bits}-bit default", time_ms(lambda: step_many(work, grads, states, **hp)), bpp, first)
-    for rows in (2, 4, 8, 16, 32):
-        for warps in (4, 8, 16):
-            if rows * block > 16384 or rows * block < 512:
+    for rows in (4, 8, 16, 32):
+        for warps in (2, 4, 8):
+            if rows * block > 8192 or rows * block < 512:
                 continue
             try:
                 ms = time_ms(lambda r=rows, w=warps: step_many(work, grads, states, rows=r, num_warps=w, **hp))
@@ -73,6 +76,42 @@ def sweep(bits: int, block: int, params, grads, report) -> None:
     assert all(torch.isfinite(w).all() for w in work[:2])
 
 
+def bitwise_summary() -> None:
+    """Kernel against the plain-torch reference on this GPU, every mode, bits and dtype: which outputs differ."""
+    from lit_optim.kernels import codes
+    from lit_optim.kernels.reference import ADAM, ADAMW, LION, step_tensor
+    from lit_optim.kernels.triton_lowbit import step_many
+
+    for bits, block in ((8, 256), (4, 128)):
+        for mode in (ADAM, ADAMW, LION):
+            for dtype in (torch.float32, torch.bfloat16):
+                torch.manual_seed(0)
+                shapes = [(2048, 1024), (3, 1000), (257,)]
+                ref = [torch.randn(s, device="cuda").to(dtype) for s in shapes]
+                fused = [p.clone() for p in ref]
+                sr, sf = [], []
+                for p in ref:
+                    st = {}
+                    st["exp_avg"], st["exp_avg_scale"] = codes.empty_moment(p.numel(), bits, block, True, "cuda")
+                    if mode != LION:
+                        st["exp_avg_sq"], st["exp_avg_sq_scale"] = codes.empty_moment(
+                            p.numel(), bits, block, False, "cuda")
+                    sr.append(st)
+                    sf.append({k: v.clone() for k, v in st.items()})
+                for step in range(1, 4):
+                    grads = [torch.randn_like(p) for p in ref]
+                    hp = dict(mode=mode, bits=bits, block_size=block, lr=3e-3, beta1=0.9, beta2=0.99, eps=1e-8,
+                              weight_decay=0.1, inv_bc1=1 / (1 - 0.9 ** step),
+                              inv_sqrt_bc2=1 / (1 - 0.99 ** step) ** 0.5)
+                    for p, g, st in zip(ref, grads, sr):
+                        step_tensor(p, g, st, **hp)
+                    step_many(fused, grads, sf, **hp)
+                diff = {"param": sum(int((a != b).sum()) for a, b in zip(ref, fused))}
+                for key in sr[0]:
+                    diff[key] = sum(int((x[key] != y[key]).sum()) for x, y in zip(sr, sf))
+                print(f"bitwise {bits}-bit mode={mode} {str(dtype)[6:]}: differing elements {diff}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tensors", type=int, default=64)
@@ -80,6 +119,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="triton_cold_"))
+    bitwise_summary()
     torch.manual_seed(0)
     speed = copy_speed()
     n_params = args.tensors * args.dim * args.dim

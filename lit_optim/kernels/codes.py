@@ -12,9 +12,10 @@ and one code per element:
   range of N**4 (4e9 at 8 bits); there is no zero, so a small second moment is rounded up, never to zero, and the
   update it divides can only shrink.
 
-Encoding rounds to the nearest code in the companded domain (sqrt of the magnitude, fourth root of the variance).
-Every operation is an IEEE fp32 add, multiply, divide or square root, so the Triton kernel (built without FMA
-contraction) reproduces this module bit for bit.
+Encoding rounds to the nearest code in the companded domain (sqrt of the magnitude, fourth root of the variance),
+defined by exact fp32 comparisons with the midpoints between levels; decoding is fp32 multiplications. Both are
+exact functions of their fp32 inputs, so the Triton kernel (built without FMA contraction) reproduces them bit for
+bit.
 
 4-bit codes are packed two per byte, the first half of a block in the low nibbles and the second half in the high
 nibbles (byte j of a block holds elements j and j + block_size / 2), so a kernel loads both halves with unit stride.
@@ -79,26 +80,51 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, bits: int, block_size: int,
     if signed:
         if bits == 4:
             q = q - NIBBLE_OFFSET
-        r = q.to(torch.float32) / float(SIGNED_MAX[bits])
+        r = q.to(torch.float32) * _f32(1.0 / SIGNED_MAX[bits])
         return (r * r.abs()) * scale[:, None]
-    r = (q + 1).to(torch.float32) / float(UNSIGNED_LEVELS[bits])
+    r = (q + 1).to(torch.float32) * _f32(1.0 / UNSIGNED_LEVELS[bits])
     r2 = r * r
     return (r2 * r2) * scale[:, None]
 
 
+def _f32(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def _threshold(j: torch.Tensor, inv: float, power: int) -> torch.Tensor:
+    """The value at which code j starts: ((j - 0.5) * inv) ** power, in fp32 multiplications."""
+    a = (j - 0.5) * _f32(inv).to(j.device)
+    a2 = a * a
+    return a2 if power == 2 else a2 * a2
+
+
+def _count(t: torch.Tensor, estimate: torch.Tensor, top: int, inv: float, power: int) -> torch.Tensor:
+    """The number of thresholds 1..top at or below t, from an estimate that is off by at most one."""
+    j = estimate.clamp(0.0, float(top))
+    j = torch.where((j > 0) & (t < _threshold(j, inv, power)), j - 1.0, j)
+    j = torch.where((j < top) & (t >= _threshold(j + 1.0, inv, power)), j + 1.0, j)
+    return j
+
+
 def encode(x: torch.Tensor, bits: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 values (blocks, block_size) -> (stored codes, fp32 scales)."""
+    """fp32 values (blocks, block_size) -> (stored codes, fp32 scales).
+
+    A code is the count of thresholds (midpoints between levels, in the companded domain) at or below the value
+    relative to the block's scale; a square root gives an estimate off by at most one and exact comparisons settle
+    it, so any square root (the kernel's is approximate) gives the same codes.
+    """
     mag = x.abs() if signed else x
     scale = mag.amax(dim=1)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    t = mag / safe[:, None]
+    inv = torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, 1.0), 0.0)
+    t = mag * inv[:, None]
     if signed:
-        top = float(SIGNED_MAX[bits])
-        q = torch.floor(torch.sqrt(t) * top + 0.5).clamp_(max=top)
+        top = SIGNED_MAX[bits]
+        q = _count(t, torch.floor(torch.sqrt(t) * float(top) + 0.5), top, 1.0 / top, 2)
         q = torch.where(x < 0, -q, q).to(torch.int32)
         if bits == 4:
             q = q + NIBBLE_OFFSET
     else:
-        levels = float(UNSIGNED_LEVELS[bits])
-        q = (torch.floor(torch.sqrt(torch.sqrt(t)) * levels + 0.5) - 1.0).clamp_(0.0, levels - 1.0).to(torch.int32)
+        levels = UNSIGNED_LEVELS[bits]
+        j = _count(t, torch.floor(torch.sqrt(torch.sqrt(t)) * float(levels) + 0.5), levels, 1.0 / levels, 4)
+        q = (j - 1.0).clamp(min=0.0).to(torch.int32)
     return _pack(q, bits, signed), scale
