@@ -63,16 +63,16 @@ def sweep(bits: int, block: int, params, grads, report) -> None:
     print(f"{bits}-bit kernel: fma.rn.f32 in PTX {ptx.count('fma.rn.f32')}, ld.global.v4 {ptx.count('ld.global.v4')}, "
           f"registers {getattr(compiled, 'n_regs', '?')}, spills {getattr(compiled, 'n_spills', '?')}")
     report(f"lit_optim {bits}-bit default", time_ms(lambda: step_many(work, grads, states, **hp)), bpp, first)
-    for rows in (4, 8, 16, 32):
-        for warps in (2, 4, 8):
-            if rows * block > 8192 or rows * block < 512:
-                continue
-            try:
-                ms = time_ms(lambda r=rows, w=warps: step_many(work, grads, states, rows=r, num_warps=w, **hp))
-            except RuntimeError as err:  # a configuration the compiler refuses (too many registers)
-                print(f"  rows={rows} warps={warps}: {type(err).__name__}: {err}"[:200])
-                continue
-            report(f"  {bits}-bit rows={rows} warps={warps}", ms, bpp)
+    configs = {8: [(4, 4, 1), (4, 4, 16), (4, 2, 16), (8, 4, 16), (8, 8, 16), (4, 4, 64), (2, 2, 16)],
+               4: [(8, 4, 1), (8, 4, 16), (8, 2, 16), (16, 4, 16), (4, 2, 16), (8, 4, 64), (16, 8, 16)]}[bits]
+    for rows, warps, span in configs:
+        try:
+            ms = time_ms(lambda r=rows, w=warps, s=span: step_many(work, grads, states, rows=r, num_warps=w, span=s,
+                                                                    **hp))
+        except RuntimeError as err:  # a configuration the compiler refuses (too many registers)
+            print(f"  rows={rows} warps={warps} span={span}: {type(err).__name__}: {err}"[:200])
+            continue
+        report(f"  {bits}-bit rows={rows} warps={warps} span={span}", ms, bpp)
     assert all(torch.isfinite(w).all() for w in work[:2])
 
 

@@ -21,8 +21,9 @@ from lit_optim.kernels import codes
 from lit_optim.kernels.reference import LION
 
 # Chosen on an H100/H200 with benchmarks/optimizer_step.py; see benchmarks/README.md.
-ROWS = {8: 8, 4: 16}
+ROWS = {8: 4, 4: 8}  # quantization blocks per chunk
 NUM_WARPS = {8: 4, 4: 4}
+SPAN = 16  # chunks per program: the table lookups at a program's start are paid once per SPAN chunks
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -213,7 +214,7 @@ def lowbit_step_kernel(
     lr_ptr, lr, beta1, beta2, eps, wd, inv_bc1, inv_sqrt_bc2, seed,
     MODE: tl.constexpr, BITS: tl.constexpr, TOP: tl.constexpr, LEVELS: tl.constexpr, BLOCK: tl.constexpr,
     ROWS: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, LR_IN_MEMORY: tl.constexpr,
-    STOCHASTIC: tl.constexpr, ALIGNED: tl.constexpr,
+    STOCHASTIC: tl.constexpr, ALIGNED: tl.constexpr, SPAN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(chunk_tensor + pid)
@@ -221,7 +222,6 @@ def lowbit_step_kernel(
     n = tl.load(numels + t)
     first = first_block * BLOCK
     remaining = n - first
-    n_rows = (remaining + BLOCK - 1) // BLOCK
     code_first = first * BITS // 8
     # Address table rows: parameter, gradient, m codes, m scales, v codes, v scales -- advanced to this chunk.
     p_ptr = tl.load(addresses + t).to(tl.pointer_type(P_DTYPE)) + first
@@ -241,12 +241,29 @@ def lowbit_step_kernel(
     if LR_IN_MEMORY:
         lr = tl.load(lr_ptr)
     seed = seed + t * 1_000_003
-    if remaining >= ROWS * BLOCK:
-        _chunk(p_ptr, g_ptr, m_ptr, ms_ptr, v_ptr, vs_ptr, first, ROWS * BLOCK, ROWS,
+    # This program's span: up to SPAN chunks of ROWS blocks; whole chunks run unmasked (vector accesses), and a
+    # tensor's last, partial chunk runs masked.
+    CHUNK: tl.constexpr = ROWS * BLOCK
+    full = tl.minimum(remaining // CHUNK, SPAN)
+    for i in range(0, full):
+        off = i * CHUNK
+        pp = p_ptr + off
+        gp = g_ptr + off
+        mp = m_ptr + off * BITS // 8
+        vp = v_ptr + off * BITS // 8
+        if ALIGNED:  # the loop hides the alignment from the compiler: restate it
+            pp = tl.multiple_of(pp, 16)
+            gp = tl.multiple_of(gp, 16)
+            mp = tl.multiple_of(mp, 16)
+            vp = tl.multiple_of(vp, 16)
+        _chunk(pp, gp, mp, ms_ptr + i * ROWS, vp, vs_ptr + i * ROWS, first + off, CHUNK, ROWS,
                lr, beta1, beta2, eps, wd, inv_bc1, inv_sqrt_bc2, seed,
                MODE, BITS, TOP, LEVELS, BLOCK, ROWS, P_DTYPE, STOCHASTIC, False)
-    else:
-        _chunk(p_ptr, g_ptr, m_ptr, ms_ptr, v_ptr, vs_ptr, first, remaining.to(tl.int32), n_rows.to(tl.int32),
+    rest = remaining - full * CHUNK
+    if (full < SPAN) & (rest > 0):
+        off = full * CHUNK
+        _chunk(p_ptr + off, g_ptr + off, m_ptr + off * BITS // 8, ms_ptr + full * ROWS, v_ptr + off * BITS // 8,
+               vs_ptr + full * ROWS, first + off, rest.to(tl.int32), ((rest + BLOCK - 1) // BLOCK).to(tl.int32),
                lr, beta1, beta2, eps, wd, inv_bc1, inv_sqrt_bc2, seed,
                MODE, BITS, TOP, LEVELS, BLOCK, ROWS, P_DTYPE, STOCHASTIC, True)
 
@@ -255,7 +272,8 @@ _CHUNK_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _chunk_table(numels: tuple[int, ...], block_size: int, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which tensor and which first block each program owns (cached: it depends only on the sizes)."""
+    """Which tensor and which first block each program owns, for programs of `rows` blocks each (cached: it depends
+    only on the sizes)."""
     key = (numels, block_size, rows, str(device))
     table = _CHUNK_CACHE.get(key)
     if table is None:
@@ -280,15 +298,16 @@ def _to_device(values: list[int], device) -> torch.Tensor:
 def step_many(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], *, mode: int, bits: int,
               block_size: int, lr, beta1: float, beta2: float, eps: float, weight_decay: float,
               inv_bc1: float = 1.0, inv_sqrt_bc2: float = 1.0, stochastic_rounding: bool = False, seed: int = 0,
-              rows: int | None = None, num_warps: int | None = None) -> None:
+              rows: int | None = None, num_warps: int | None = None, span: int | None = None):
     """`reference.step_tensor` for every tensor of one bucket (same device, dtypes and step) in one launch."""
     if not params:
         return
     device = params[0].device
     rows = rows or ROWS[bits]
     num_warps = num_warps or NUM_WARPS[bits]
+    span = span or SPAN
     numels = tuple(p.numel() for p in params)
-    chunk_tensor, chunk_block = _chunk_table(numels, block_size, rows, device)
+    chunk_tensor, chunk_block = _chunk_table(numels, block_size, rows * span, device)
     lone = mode == LION
     addresses = [p.data_ptr() for p in params] + [g.data_ptr() for g in grads]
     for key in ("exp_avg", "exp_avg_scale") + (() if lone else ("exp_avg_sq", "exp_avg_sq_scale")):
@@ -305,6 +324,6 @@ def step_many(params: list[torch.Tensor], grads: list[torch.Tensor], states: lis
         BLOCK=block_size, ROWS=rows,
         P_DTYPE=_TL_DTYPES[params[0].dtype], G_DTYPE=_TL_DTYPES[grads[0].dtype],
         LR_IN_MEMORY=lr_in_memory, STOCHASTIC=bool(stochastic_rounding and params[0].dtype == torch.bfloat16),
-        ALIGNED=all(a % 16 == 0 for a in addresses),
+        ALIGNED=all(a % 16 == 0 for a in addresses), SPAN=span,
         num_warps=num_warps, enable_fp_fusion=False,
     )

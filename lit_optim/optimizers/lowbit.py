@@ -162,8 +162,10 @@ class LowBitAdamW(_LowBitOptimizer):
     MODE = ADAMW
 
     def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, **kwargs) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, bits: int = 8, block_size: int | None = None,
+                 stochastic_rounding: bool = False, kernel: str = "auto") -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, bits=bits, block_size=block_size,
+                         stochastic_rounding=stochastic_rounding, kernel=kernel)
 
 
 class LowBitAdam(_LowBitOptimizer):
@@ -172,8 +174,10 @@ class LowBitAdam(_LowBitOptimizer):
     MODE = ADAM
 
     def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, **kwargs) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, bits: int = 8, block_size: int | None = None,
+                 stochastic_rounding: bool = False, kernel: str = "auto") -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, bits=bits, block_size=block_size,
+                         stochastic_rounding=stochastic_rounding, kernel=kernel)
 
 
 class LowBitLion(_LowBitOptimizer):
@@ -182,5 +186,7 @@ class LowBitLion(_LowBitOptimizer):
     MODE = LION
 
     def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0, **kwargs) -> None:
-        super().__init__(params, lr, betas, 0.0, weight_decay, **kwargs)
+                 weight_decay: float = 0.0, *, bits: int = 8, block_size: int | None = None,
+                 stochastic_rounding: bool = False, kernel: str = "auto") -> None:
+        super().__init__(params, lr, betas, 0.0, weight_decay, bits=bits, block_size=block_size,
+                         stochastic_rounding=stochastic_rounding, kernel=kernel)
