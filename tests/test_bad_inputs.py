@@ -99,6 +99,12 @@ CASES += [
     ("schedule_free_adamw", {"in_backward": True}, "schedule-free"),
     ("paged_adamw_8bit", {"offload": "cpu"}, "paged"),
     ("galore_adamw", {"offload": "cpu"}, "structure"),
+    ("adamw_fused_8bit", {"block_size": 100}, "power of two"),
+    ("adamw_fused_4bit", {"block_size": 16}, "power of two"),
+    ("adamw_fused_4bit", {"bits": 8}, "fixes bits=4"),
+    ("lion_fused_8bit", {"kernel": "cuda"}, "choose one of"),
+    ("adamw_fused_8bit", {"stochastic_rounding": "yes"}, "true or false"),
+    ("adam_fused_8bit", {"betas": (0.9, 1.0)}, "must be in [0, 1)"),
 ]
 
 
