@@ -193,10 +193,10 @@ INTERPRETED = textwrap.dedent("""
     from lit_optim.kernels.reference import ADAM, ADAMW, LION, step_tensor
     from lit_optim.kernels.triton_lowbit import step_many
     worst = 0.0
-    for bits, block in ((8, 64), (4, 32)):
+    for bits, block, exact in ((8, 64, False), (4, 32, False), (8, 32, True)):
         for mode in (ADAM, ADAMW, LION):
             torch.manual_seed(mode)
-            shapes = [(5, 130), (1,), (40,)]  # full chunks (unmasked), a tensor's partial last chunk (masked)
+            shapes = [(5, 130), (1,), (40,)]  # whole blocks (unmasked), spans, a partial last block (masked)
             ref = [torch.randn(s) for s in shapes]
             ker = [p.clone() for p in ref]
             def state(p):
@@ -213,7 +213,7 @@ INTERPRETED = textwrap.dedent("""
                           weight_decay=0.1, inv_bc1=1 / (1 - 0.9 ** step), inv_sqrt_bc2=1 / math.sqrt(1 - 0.99 ** step))
                 for p, g, s in zip(ref, grads, sr):
                     step_tensor(p, g, s, **hp)
-                step_many(ker, grads, sk, rows=2, num_warps=1, span=2, **hp)
+                step_many(ker, grads, sk, span=2, exact=exact, **hp)
             for a, b in zip(ref, ker):
                 worst = max(worst, (a - b).abs().max().item())
             for x, y in zip(sr, sk):
