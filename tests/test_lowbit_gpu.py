@@ -55,7 +55,8 @@ def test_kernel_matches_reference_bit_for_bit(bits, block, mode, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fast_kernel_is_within_the_stated_tolerance_of_the_reference(bits, block, mode, dtype):
     """The default (approximate square root and division, fused multiply-adds), one step from the same state:
-    parameters within 1e-6 relative (fp32) or one bf16 ulp, codes at most one level apart for under 1% of them."""
+    parameters within 1e-6 relative (fp32) or one bf16 ulp (Lion: a step's sign may flip where it is ~0), codes at
+    most one level apart for under 1% of them."""
     from lit_optim.kernels.triton_lowbit import step_many
 
     torch.manual_seed(7)
@@ -74,6 +75,10 @@ def test_fast_kernel_is_within_the_stated_tolerance_of_the_reference(bits, block
         step_tensor(p, g, s, **hp)
     step_many(fast, grads, s_fast, **hp)
     for a, b in zip(ref, fast):
+        if mode == LION:  # a sign: where b1 * m + (1 - b1) * g is within rounding of 0, the step may flip (2 lr)
+            off = (a.float() - b.float()).abs() > 1e-5
+            assert float(off.float().mean()) < 1e-3 and float((a.float() - b.float()).abs().max()) <= 2.01 * 3e-3
+            continue
         if dtype == torch.float32:
             assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (a - b).abs().max()
         else:
