@@ -92,7 +92,7 @@ def bnb_sgd(bits: int):
 
 
 # --- lit_optim fused low-bit optimizers: every tensor padded to whole blocks, one fp32 scale per block ----------
-FUSED_DEFAULT_BLOCK = {8: 256, 4: 128}
+FUSED_DEFAULT_BLOCK = {8: 256, 4: 256}
 
 
 def fused_lowbit_states(count: int, bits: int):

@@ -238,5 +238,5 @@ def test_the_triton_kernel_computes_the_reference_step_in_the_interpreter():
 def test_names_report_what_they_build():
     opt = lit_optim.build_optimizer(torch.nn.Linear(8, 8), "adamw_fused_4bit")
     assert type(opt) is LowBitAdamW and opt.param_groups[0]["bits"] == 4
-    assert opt.param_groups[0]["block_size"] == 128
+    assert opt.param_groups[0]["block_size"] == 256
     assert math.isclose(lit_optim.get_spec("lion_fused_8bit").state_bytes((1024,), {}), 1024 + 4 * 4)

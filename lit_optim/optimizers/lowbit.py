@@ -21,7 +21,7 @@ import torch
 from lit_optim.kernels import codes
 from lit_optim.kernels.reference import ADAM, ADAMW, LION, MOMENTS, step_tensor
 
-DEFAULT_BLOCK = {8: 256, 4: 128}
+DEFAULT_BLOCK = {8: 256, 4: 256}
 KERNELS = ("auto", "triton", "torch")
 
 
