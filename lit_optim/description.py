@@ -36,6 +36,11 @@ MEANINGS = {
     "fused_qkv": "names of further fused query/key/value modules whose rows are [q; k; v]",
     "n_heads": "query heads (found on the model when not given)",
     "foreach": "use the multi-tensor kernel",
+    "quantize": "keep the moments as 8-bit codes (false: in the parameter's dtype)",
+    "master_weight_bits": "24 or 32: error-correction bits give bf16/fp16 weights that precision; null: none",
+    "compress_state_dict": "checkpoints hold the 8-bit codes (false: fp32 moments)",
+    "check_numerics": "refuse a learning rate too small to change the weights",
+    "decouple_lr": "weight decay scaled by lr / initial lr instead of by lr",
 }
 GROUP_MEANINGS = {
     "no_decay": "extra regexes of parameter names kept out of weight decay",
@@ -94,7 +99,8 @@ def describe(name: str) -> str:
         f"  CPU offload:   {_offload_line(spec)}",
         f"  HF Trainer:    {', '.join(n for n in spec.names if n in HF_TRAINER_NAMES) or 'no'}",
     ]
-    lines += _hyperparameter_lines(spec, avail.ok)
+    # An installed backend lists what the name takes even where this machine cannot run it (no GPU, say).
+    lines += _hyperparameter_lines(spec, avail.ok or "not installed" not in avail.reason)
     if spec.notes:
         lines.append(f"  notes:         {spec.notes}")
     return "\n".join(lines)

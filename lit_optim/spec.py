@@ -26,6 +26,7 @@ BACKENDS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "bitsandbytes": ("bitsandbytes", "pip install bitsandbytes"),
         "schedulefree": ("schedulefree", "pip install 'lit-optim[schedulefree]'  (or: pip install schedulefree)"),
         "optimi": ("optimi", "pip install 'lit-optim[optimi]'  (or: pip install torch-optimi)"),
+        "flashoptim": ("flashoptim", "pip install 'lit-optim[flashoptim]'  (or: pip install flashoptim)"),
         "lit_optim": ("lit_optim", "pip install lit-optim"),
     }
 )

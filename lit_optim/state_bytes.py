@@ -15,7 +15,11 @@ by param group. It finds state in, first to last:
    run in backward, say) returns them and each is accounted like a top-level one;
 3. torchao's ``CPUOffloadOptimizer`` (its per-parameter host optimizers, its on-device optimizer for small tensors,
    and its pinned host copies of parameters and gradients as buffers);
-4. ``optimizer.state``, walking nested dicts, lists and plain objects (a GaLore projector's matrices, say).
+4. ``optimizer.state``, walking nested dicts, lists and plain objects (a GaLore projector's matrices, FlashOptim's
+   moments as codes and scales).
+
+State under a key of `WEIGHT_CORRECTION_KEYS` (FlashOptim's ``error_bits``) is counted, and reported apart as weight
+correction: it is master-weight precision the optimizer owns, not a quantized moment.
 
 Where memory lives: ``gpu`` (CUDA device memory), ``managed`` (CUDA managed memory: tensors tagged
 ``is_paged = True``, as bitsandbytes' paged buffers made with ``torch.frombuffer`` are -- their ``device`` says cpu),
@@ -33,6 +37,9 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 LOCATIONS = ("gpu", "managed", "cpu_pinned", "cpu")
 ADAMW_FP32_BYTES_PER_PARAM = 8.0  # two fp32 moments
+# State keys of the bits that extend a 16-bit parameter's precision (FlashOptim's error-correction bits, 24/32-bit
+# master weights): the optimizer owns them, so they count as state, but they are not quantized moments.
+WEIGHT_CORRECTION_KEYS = frozenset({"error_bits"})
 _WALK_DEPTH = 6
 
 
@@ -51,7 +58,8 @@ def storage_key(t: torch.Tensor) -> tuple[str, int]:
 
 
 def state_tensors(value) -> Iterator[torch.Tensor]:
-    """Tensors inside one state entry (tensors, or lists/dicts of them, as wrapper optimizers keep)."""
+    """Tensors inside one state entry (tensors, or lists/dicts of them, as wrapper optimizers keep, or objects holding
+    them, as FlashOptim's moments: codes and scales in attributes)."""
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, dict):
@@ -60,6 +68,8 @@ def state_tensors(value) -> Iterator[torch.Tensor]:
     elif isinstance(value, (list, tuple)):
         for v in value:
             yield from state_tensors(v)
+    elif value is not None and not isinstance(value, (int, float, bool, str)):
+        yield from (t for _, t in _walk(value, "", set()))
 
 
 def state_bytes_by_param(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, int]:
@@ -237,6 +247,7 @@ class StateStats:
     full_precision_bytes: int = 0
     stateless_tensors: int = 0
     stateless_params: int = 0
+    weight_correction_bytes: int = 0  # included in `bytes`
 
     @property
     def bytes_per_param(self) -> float:
@@ -296,6 +307,7 @@ class StateReport:
             f"{prefix}/full_precision_bytes": t.full_precision_bytes,
             f"{prefix}/stateless_params": t.stateless_params,
             f"{prefix}/unattributed_bytes": self.unattributed_bytes,
+            f"{prefix}/weight_correction_bytes": t.weight_correction_bytes,
             f"{prefix}/buffer_bytes": self.buffer_bytes,
         }
         m.update({f"{prefix}/bytes_{where}": n for where, n in t.by_location.items()})
@@ -390,7 +402,7 @@ def state_report(optimizer) -> StateReport:
     report = StateReport(total, groups)
     per_param_bytes: dict[int, int] = {}
     quantized: set[int] = set()
-    for param, group, _key, leaf, nbytes, where, is_buffer in _storages(g, set()):
+    for param, group, key, leaf, nbytes, where, is_buffer in _storages(g, set()):
         if where in report.host_storages:
             report.host_storages[where].add(_skey(leaf))
         if is_buffer:
@@ -398,7 +410,9 @@ def state_report(optimizer) -> StateReport:
             report.buffer_by_location[where] = report.buffer_by_location.get(where, 0) + nbytes
             continue
         dtype = leaf.dtype
+        correction = key in WEIGHT_CORRECTION_KEYS
         total.add_bytes(nbytes, where, dtype)
+        total.weight_correction_bytes += nbytes if correction else 0
         if param is None:
             report.unattributed_bytes += nbytes
             continue
@@ -407,8 +421,9 @@ def state_report(optimizer) -> StateReport:
         if stats is None:
             stats = groups[group] = StateStats(group)
         stats.add_bytes(nbytes, where, dtype)
+        stats.weight_correction_bytes += nbytes if correction else 0
         per_param_bytes[pid] = per_param_bytes.get(pid, 0) + nbytes
-        if dtype in _LOW_BIT and leaf.numel() > 1:
+        if dtype in _LOW_BIT and leaf.numel() > 1 and not correction:
             quantized.add(pid)
     for pid, p in g.params.items():
         name = g.group_of.get(pid, "other")

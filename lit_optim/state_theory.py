@@ -42,13 +42,14 @@ def expected_state_bytes(optimizer, p: torch.Tensor, *, follow_dtype: bool = Tru
     """Bytes of optimizer state the registry's theory gives parameter `p` of `optimizer` (built by lit_optim).
 
     `follow_dtype`: scale PyTorch-backend state to the parameter's dtype (the theories count fp32).
+    Theories that know the dtype themselves (FlashOptim's) read the element size as ``theory.PARAM_BYTES``.
     """
     spec, hp, keeper = serving_spec(optimizer, p)
     info = optimizer.lit_optim
     if spec.backend == "bitsandbytes" and spec.bits == 8 and info.plan.param_info[id(p)].is_embedding \
             and info.embedding_32bit_params:
         return theory.fp32_states(2)(tuple(p.shape), hp)  # kept at 32 bits, as Hugging Face does
-    bytes_ = spec.state_bytes(tuple(p.shape), hp)
+    bytes_ = spec.state_bytes(tuple(p.shape), {**hp, theory.PARAM_BYTES: p.element_size()})
     follows = keeper.backend in STATE_FOLLOWS_PARAM_DTYPE or keeper.name in FOLLOWS_PARAM_DTYPE_NAMES
     if follow_dtype and follows and p.dtype.is_floating_point:
         bytes_ *= p.element_size() / theory.FP32

@@ -102,3 +102,26 @@ def fused_lowbit_states(count: int, bits: int):
         return count * blocks * (block * bits / 8 + FP32)
 
     return theory
+
+
+# --- FlashOptim: every tensor's moments as 8-bit codes with one fp16 scale per 32 values, whatever its size -----------
+FLASH_GROUP = 32
+# Set by `lit_optim.state_theory` for a real parameter: its element size. The theories count fp32 without it.
+PARAM_BYTES = "param_bytes"
+
+
+def flash_states(count: int, *, only_with_momentum: bool = False):
+    """`count` moments: 1-byte codes plus a 2-byte scale per 32 elements when ``quantize`` (the default), else kept in
+    the parameter's dtype; plus the error-correction bits that lift a 16-bit parameter to ``master_weight_bits``
+    (24: 1 byte, 32: 2 bytes; none for fp32 parameters or null). SGD keeps its moment only with momentum."""
+
+    def theory(shape: Shape, hp: Mapping[str, Any]) -> float:
+        n = math.prod(shape)
+        width = hp.get(PARAM_BYTES, FP32)
+        moments = 0 if only_with_momentum and not hp.get("momentum", 0) else count
+        per_moment = n + 2 * math.ceil(n / FLASH_GROUP) if hp.get("quantize", True) else width * n
+        bits = hp.get("master_weight_bits", 24)
+        correction = max(0, int(bits) // 8 - width) if bits else 0
+        return moments * per_moment + correction * n
+
+    return theory

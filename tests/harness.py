@@ -68,7 +68,8 @@ def run_task(
 
 
 def _flatten_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor | Any]:
-    """Every value of the optimizer state in param order, tensor subclasses unwrapped to their inner tensors."""
+    """Every value of the optimizer state in param order, tensor subclasses unwrapped to their inner tensors (and
+    objects that hold tensors, as FlashOptim's moments, to those tensors)."""
     from lit_optim.state_bytes import leaf_tensors, state_tensors
 
     out = []
@@ -78,7 +79,7 @@ def _flatten_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor | Any]
             for key in sorted(state):
                 for t in state_tensors(state[key]):
                     out.extend((key, leaf.detach().cpu()) for leaf in leaf_tensors(t))
-                if not isinstance(state[key], (torch.Tensor, dict, list, tuple)):
+                if state[key] is None or isinstance(state[key], (int, float, bool, str)):
                     out.append((key, state[key]))
     return out
 

@@ -129,6 +129,71 @@ def test_every_family_refuses_the_same_bad_values_the_same_way():
     assert len(tails) == 1, tails
 
 
+# --- FlashOptim names: refused where they cannot run; bad values refused as for every other name -------------------
+FLASH = ["flash_adamw", "flash_adam", "flash_lion", "flash_sgd", "flash_sgdw"]
+
+
+def pretend_gpu(monkeypatch, capability: tuple[int, int], name: str = "NVIDIA H100") -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+
+
+@pytest.mark.parametrize("name", FLASH)
+def test_flash_names_are_refused_where_they_cannot_run(name, monkeypatch):
+    from lit_optim.builders import construct
+
+    if not torch.cuda.is_available():
+        refused(name, "runs only on a CUDA GPU and this machine has none")
+    pretend_gpu(monkeypatch, (7, 5), "Tesla T4")  # Turing: older than Triton supports
+    message = refused(name, "needs CUDA compute capability >= 8.0")
+    assert "Tesla T4" in message and "is 7.5" in message and "Ampere" in message
+    # A capable GPU (flashoptim need not be installed for this), but the model left on the host.
+    pretend_gpu(monkeypatch, (9, 0))
+    monkeypatch.setattr(construct, "requirement_problem", lambda spec: None)
+    message = refused(name, "parameters of this model are on cpu")
+    assert "Move the model to the GPU" in message
+
+
+FLASH_CASES: list[tuple[str, dict, str]] = [
+    ("flash_adamw", {"lr": math.nan}, "not a finite number"),
+    ("flash_adam", {"lr": -1.0}, "must be >= 0"),
+    ("flash_adamw", {"betas": (0.9, 1.0)}, "must be in [0, 1)"),
+    ("flash_adam", {"eps": 0.0}, "must be > 0"),
+    ("flash_lion", {"weight_decay": -0.1}, "must be >= 0"),
+    ("flash_sgd", {"momentum": 1.5}, "must be in [0, 1)"),
+    ("flash_adamw", {"master_weight_bits": 16}, "must be 24, 32 or null"),
+    ("flash_lion", {"master_weight_bits": "24"}, "must be 24, 32 or null"),
+    ("flash_adamw", {"quantize": "yes"}, "true or false"),
+    ("flash_adamw", {"compress_state_dict": 1}, "true or false"),
+    ("flash_sgdw", {"nesterov": "no"}, "true or false"),
+    ("flash_adamw", {"block_size": 64}, "does not take hyperparameter 'block_size'"),
+    ("flash_adamw", {"lr": torch.tensor(1e-3)}, "takes lr as a number"),
+    ("flash_adamw", {"offload": "cpu"}, "cannot use offload='cpu'"),
+]
+
+
+@pytest.mark.parametrize("case", FLASH_CASES, ids=[_id(c) for c in FLASH_CASES])
+def test_bad_flash_input_is_refused_in_one_line(case, monkeypatch):
+    """On a (pretended) capable GPU, so that the values are what is refused; all before flashoptim is imported."""
+    from lit_optim.builders import construct
+
+    pretend_gpu(monkeypatch, (9, 0))
+    monkeypatch.setattr(construct, "requirement_problem", lambda spec: None)
+    name, hp, match = case
+    refused(name, match, **hp)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without CUDA")
+def test_cli_refuses_a_flash_name_without_cuda(tmp_path):
+    from cli_inprocess import run_train
+
+    code, err = run_train(tmp_path / "run", "trainer.max_steps=2", "optim=flash_adamw")
+    assert code == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("lit-optim: ") and "runs only on a CUDA GPU" in last, last
+
+
 # --- inputs that work ----------------------------------------------------------------------------------------------
 def test_a_single_no_decay_pattern_is_one_regex_not_its_characters():
     model = Net()

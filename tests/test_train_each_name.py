@@ -25,6 +25,7 @@ LR = {
     "adagrad": 5e-2, "adagrad_8bit": 5e-2,
     "rmsprop": 2e-3, "rmsprop_bnb": 2e-3, "rmsprop_bnb_8bit": 2e-3, "rmsprop_bnb_32bit": 2e-3,
     "muon": 2e-2, "adafactor_torch": 3e-2,
+    "flash_sgd": 0.1, "flash_sgdw": 0.1, "flash_lion": 5e-3,
 }
 
 

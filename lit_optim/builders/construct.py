@@ -47,6 +47,10 @@ class BuildContext:
         return self.lookup(name_or_spec)
 
 
+# Why a backend's names need a newer GPU, said with the compute capability they need.
+_CAPABILITY_WHY = {"torchao": "FP8: Ada or Hopper", "flashoptim": "its Triton kernels: Ampere or newer"}
+
+
 def requirement_problem(spec: OptimizerSpec) -> tuple[type[LitOptimError], str, str] | None:
     """What keeps `spec` from running here, as (error type, short reason, full message with the fix), or None.
 
@@ -54,10 +58,7 @@ def requirement_problem(spec: OptimizerSpec) -> tuple[type[LitOptimError], str, 
     """
     import importlib.util
 
-    if importlib.util.find_spec(spec.backend_module) is None:
-        return (BackendNotInstalledError, f"{spec.backend} not installed: {spec.install_hint}",
-                f"Optimizer {spec.name!r} needs the {spec.backend!r} package, which is not installed. Install it "
-                f"with: {spec.install_hint}")
+    # The machine first: installing a CUDA-only backend on a machine without a suitable GPU would not help.
     if spec.requires_cuda or CPU not in spec.supports:
         if not torch.cuda.is_available():
             return (DeviceRequirementError, "needs a CUDA GPU",
@@ -66,10 +67,15 @@ def requirement_problem(spec: OptimizerSpec) -> tuple[type[LitOptimError], str, 
         have = torch.cuda.get_device_capability()
         if spec.min_compute_capability and have < spec.min_compute_capability:
             need = ".".join(map(str, spec.min_compute_capability))
+            why = _CAPABILITY_WHY.get(spec.backend, "")
             return (DeviceRequirementError, f"needs compute capability >= {need}",
-                    f"Optimizer {spec.name!r} needs CUDA compute capability >= {need} (FP8: Ada or Hopper); this "
-                    f"GPU ({torch.cuda.get_device_name()}) is {have[0]}.{have[1]}. Use an 8-bit optimizer instead, "
-                    "e.g. 'adamw_torch_8bit'.")
+                    f"Optimizer {spec.name!r} needs CUDA compute capability >= {need}{f' ({why})' if why else ''}; "
+                    f"this GPU ({torch.cuda.get_device_name()}) is {have[0]}.{have[1]}. Use an 8-bit optimizer "
+                    "instead, e.g. 'adamw_torch_8bit'.")
+    if importlib.util.find_spec(spec.backend_module) is None:
+        return (BackendNotInstalledError, f"{spec.backend} not installed: {spec.install_hint}",
+                f"Optimizer {spec.name!r} needs the {spec.backend!r} package, which is not installed. Install it "
+                f"with: {spec.install_hint}")
     return None
 
 
@@ -97,8 +103,9 @@ def accepted_arguments(spec: OptimizerSpec) -> dict[str, Any]:
     return args
 
 
-def verify(optimizer: torch.optim.Optimizer, spec: OptimizerSpec) -> None:
-    """The object must be what the name claims (class, bits, paging) -- the check timm's factory lacks."""
+def verify(optimizer: torch.optim.Optimizer, spec: OptimizerSpec, ctor: Mapping[str, Any] | None = None) -> None:
+    """The object must be what the name claims (class, bits, paging) -- the check timm's factory lacks -- and, where
+    the bits are a hyperparameter (FlashOptim), what `ctor` (its constructor arguments) asked for."""
     cls = spec.load_class()
     if not isinstance(optimizer, cls):
         raise AssertionError(f"{spec.name!r} built {type(optimizer).__name__}, expected {cls.__name__}")
@@ -109,6 +116,10 @@ def verify(optimizer: torch.optim.Optimizer, spec: OptimizerSpec) -> None:
                 f"{spec.name!r} built bitsandbytes {type(optimizer).__name__} with optim_bits={bits}, "
                 f"is_paged={optimizer.is_paged}; expected bits={spec.bits}, paged={spec.paged}"
             )
+    if spec.backend == "flashoptim":
+        from lit_optim.builders.flashoptim import check_built
+
+        check_built(optimizer, spec, ctor or {})
 
 
 def construct(spec: OptimizerSpec, groups: list[dict], kwargs: Mapping[str, Any], context: BuildContext | None = None,
@@ -139,7 +150,7 @@ def construct(spec: OptimizerSpec, groups: list[dict], kwargs: Mapping[str, Any]
                                   f"hyperparameters {shown}: {err}") from err
     mine = {id(p) for g in groups for p in g["params"]}
     isolate(opt, [p for p in (context.fp32_state_params if context else ()) if id(p) in mine])
-    verify(opt, spec)
+    verify(opt, spec, ctor)
     return opt
 
 

@@ -28,6 +28,9 @@ class OptimizerStateMonitor(SnapshotCallback):
         small or of the wrong size for quantization).
         ``optim_state/stateless_params``: parameters with no state (yet).
         ``optim_state/unattributed_bytes``: state not tied to one parameter (included in ``bytes``).
+        ``optim_state/weight_correction_bytes``: bits the optimizer keeps to extend bf16/fp16 weights to higher
+        precision (FlashOptim's error-correction bits for 24/32-bit master weights); included in ``bytes``, never
+        counted as quantized state.
         ``optim_state/buffer_bytes`` (+ ``buffer_bytes_<where>``): memory the optimizer owns that is not state, e.g.
         CPU offloading's pinned host copies of parameters and gradients (not included in ``bytes``).
         ``optim_state/group/<group>/{bytes,params,bytes_per_param,quantized_params,full_precision_params}``: per
