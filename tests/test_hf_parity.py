@@ -160,6 +160,11 @@ def build_both(args, cfg=None):
     ours_model = Net()
     ours_model.load_state_dict(hf_model.state_dict())
     theirs = _TrainerStandIn(hf_model, args).create_optimizer()
+    for group in theirs.param_groups:
+        # optimi takes its Triton step even for CPU tensors when Triton is installed, and Triton has no CPU driver:
+        # lit_optim keeps CPU parameters on optimi's torch path (builders/construct.py); do the same for HF's object.
+        if "triton" in group and group["triton"] is None:
+            group["triton"] = False
     cfg = cfg or lit_optim.from_hf_training_args(args)
     ours = lit_optim.build_optimizer(ours_model, **cfg)
     return (theirs, hf_model), (ours, ours_model), cfg

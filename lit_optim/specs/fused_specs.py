@@ -21,7 +21,8 @@ for prefix, cls, label in (("adamw", "LowBitAdamW", "AdamW"), ("adam", "LowBitAd
     for bits in (8, 4):
         register(OptimizerSpec(
             name=f"{prefix}_fused_{bits}bit", backend="lit_optim", target=f"lit_optim.optimizers.lowbit:{cls}",
-            bits=bits, fixed={"bits": bits}, state_bytes=theory.fused_lowbit_states(2, bits), supports=_SUPPORTS,
+            bits=bits, fixed={"bits": bits}, defaults={"block_size": theory.FUSED_DEFAULT_BLOCK[bits]},
+            state_bytes=theory.fused_lowbit_states(2, bits), supports=_SUPPORTS,
             notes=_NOTE,
             description=f"lit_optim {label}, fused step: block-wise ({theory.FUSED_DEFAULT_BLOCK[bits]}) "
                         f"{_CODES[bits]}.",
@@ -29,7 +30,8 @@ for prefix, cls, label in (("adamw", "LowBitAdamW", "AdamW"), ("adam", "LowBitAd
 for bits in (8, 4):
     register(OptimizerSpec(
         name=f"lion_fused_{bits}bit", backend="lit_optim", target="lit_optim.optimizers.lowbit:LowBitLion",
-        bits=bits, fixed={"bits": bits}, state_bytes=theory.fused_lowbit_states(1, bits), supports=_SUPPORTS,
+        bits=bits, fixed={"bits": bits}, defaults={"block_size": theory.FUSED_DEFAULT_BLOCK[bits]},
+        state_bytes=theory.fused_lowbit_states(1, bits), supports=_SUPPORTS,
         notes=_NOTE,
         description=f"lit_optim Lion, fused step: one block-wise ({theory.FUSED_DEFAULT_BLOCK[bits]}) {bits}-bit "
                     "sqrt-companded momentum.",
