@@ -1,5 +1,5 @@
 """`lit-optim estimate`: optimizer state exactly as built optimizers keep it, and the device peak within 10% of every
-configuration measured on a GPU (benchmarks/results/big_models_h100_run2_*.json), predicted on the meta device."""
+configuration measured on a GPU (benchmarks/results/big_models_h100_run{2,3}_*.json), predicted on the meta device."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 def recorded_rows() -> list[dict]:
     rows, seen = [], set()
-    for path in sorted(RESULTS.glob("big_models_h100_run2_*.json")):
+    for path in sorted([*RESULTS.glob("big_models_h100_run2_*.json"), *RESULTS.glob("big_models_h100_run3_*.json")]):
         for row in json.loads(path.read_text())["rows"]:
             key = tuple(o for o in row["overrides"] if not o.startswith(("trainer.max_steps", "callbacks.")))
             if row["exit"] == 0 and row.get("peak_gib") and key not in seen:

@@ -79,6 +79,8 @@ def _memory(ax, rows: list[Row]) -> None:
             continue
         ax.bar(names, heights, bottom=bottoms, label=part, hatch="//" if part in OUTSIDE else None)
         bottoms = [b + h for b, h in zip(bottoms, heights)]
+    if bottoms:  # room above the tallest stack for the legend (autoscaling leaves the stacks' tops on the frame)
+        ax.set_ylim(0, max(bottoms) * 1.25)
     on_host = any(r.memory_total_on != "device" for r in shown)
     ax.set(ylabel="GiB", title="Where the memory goes" + (" (CPU run: the host process's peak)" if on_host else
                                                           " (peak allocated + managed/host state, hatched)"))
