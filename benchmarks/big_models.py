@@ -104,6 +104,7 @@ def run_row(label: str, overrides: list[str], workdir: Path, env: dict[str, str]
            "+logger.flush_logs_every_n_steps=1", "validate=false", "callbacks.checkpoint=null",
            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
     start = time.time()
+    timed_out = False
     with open(workdir / f"{rundir.name}.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         try:
@@ -114,6 +115,7 @@ def run_row(label: str, overrides: list[str], workdir: Path, env: dict[str, str]
                 if pid:
                     break
                 if time.time() > deadline:
+                    timed_out = True
                     proc.kill()
                     pid, status, usage = os.wait4(proc.pid, 0)
                     break
@@ -122,7 +124,8 @@ def run_row(label: str, overrides: list[str], workdir: Path, env: dict[str, str]
             proc.returncode = os.waitstatus_to_exitcode(status) if pid else -9
     wall = time.time() - start
     text = (workdir / f"{rundir.name}.log").read_text(errors="replace")
-    error = failure_reason(text, proc.returncode)
+    # Our own kill at the deadline is a timeout, not the kernel's out-of-memory killer.
+    error = f"timed out after {timeout:.0f} s (--timeout)" if timed_out else failure_reason(text, proc.returncode)
     m = RunMetrics.find(rundir)
 
     def last(key):
