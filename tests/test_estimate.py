@@ -47,7 +47,7 @@ def test_estimate_is_within_10_percent_of_the_measured_peak(row):
 
 
 NAMES = ["adamw_torch", "sgd", "adamw_8bit", "adafactor", "adam_mini", "galore_adamw_8bit",
-         "galore_adamw_layerwise", "apollo_mini"]
+         "galore_adamw_layerwise", "apollo_mini", "adamw_fused_8bit", "adamw_fused_4bit", "lion_fused_8bit"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
