@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
@@ -82,13 +83,16 @@ class _LowBitOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # torch casts every floating state tensor to its parameter's dtype (and integer codes would become floats):
-        # put back the saved tensors with their own dtypes, on the parameter's device.
-        super().load_state_dict(state_dict)
+        # torch casts every floating state tensor to its parameter's dtype -- the fp32 scales to bf16, and the integer
+        # codes too, through a temporary copy of each. So torch loads the groups and step counts only, and the codes
+        # and scales are put in place here with their own dtypes, on the parameter's device.
+        saved = state_dict["state"]
+        steps_only = {pid: {k: v for k, v in st.items() if k == "step"} for pid, st in saved.items()}
+        super().load_state_dict({**state_dict, "state": steps_only})
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         mine = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, mine):
-            for key, value in state_dict["state"].get(pid, {}).items():
+            for key, value in saved.get(pid, {}).items():
                 if key != "step" and isinstance(value, torch.Tensor):
                     self.state[p][key] = value.to(device=_local(p).device, copy=True)
 
@@ -139,6 +143,11 @@ class _LowBitOptimizer(torch.optim.Optimizer):
         if use_triton and not _triton_usable(device):
             if self.kernel == "triton":
                 raise RuntimeError(f"kernel='triton' needs Triton and a CUDA device (parameters are on {device})")
+            if device.type == "cuda" and not getattr(self, "_warned_no_triton", False):
+                warnings.warn(f"{type(self).__name__}: Triton is not installed, so CUDA parameters step through the "
+                              "plain-torch reference, many times slower than the fused kernel. Fix: pip install triton",
+                              stacklevel=3)
+                self._warned_no_triton = True
             use_triton = False
         fused = [(p, g, s) for p, g, s in items if p.is_contiguous()] if use_triton else []
         if fused:
