@@ -75,10 +75,11 @@ def check_trainer_compatibility(spec: OptimizerSpec, trainer, device_type: str) 
     if device_type != "cuda" and CPU not in spec.supports:
         problems.append(f"it runs only on CUDA but the model is on {device_type!r}; use accelerator='gpu'")
     if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) and FSDP2 not in spec.supports:
-        problems.append("it does not support FSDP (its state cannot go through FSDP's optimizer state dict); use "
-                        "DDP, or a torch/torchao optimizer")
+        why = spec.unsupported_why.get(FSDP2, "its state cannot go through FSDP's optimizer state dict")
+        problems.append(f"it does not support FSDP ({why}); use DDP, or a torch/torchao optimizer")
     elif isinstance(strategy, DDPStrategy) and DDP not in spec.supports:
-        problems.append("it does not support DDP; train on one device")
+        why = spec.unsupported_why.get(DDP)
+        problems.append("it does not support DDP" + (f" ({why})" if why else "") + "; train on one device")
     if trainer.gradient_clip_val and GRAD_CLIP not in spec.supports:
         problems.append("it cannot use Trainer(gradient_clip_val=...); remove gradient clipping")
     if trainer.accumulate_grad_batches > 1 and GRAD_ACCUM not in spec.supports:

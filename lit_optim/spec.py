@@ -63,6 +63,9 @@ class OptimizerSpec:
     train_eval_switch: bool = False  # schedule-free: optimizer.train()/eval() must follow the module
     embedding_state_32bit: bool = False  # bnb 8-bit: nn.Embedding weights keep 32-bit state by default
     notes: str = ""
+    # Why a feature left out of `supports` is left out ({feature: one clause}); the Trainer check and the README's
+    # support matrix both say it, so the refusal and the documentation cannot disagree.
+    unsupported_why: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -70,6 +73,7 @@ class OptimizerSpec:
         object.__setattr__(self, "fixed", _frozen(self.fixed))
         object.__setattr__(self, "defaults", _frozen(self.defaults))
         object.__setattr__(self, "supports", frozenset(self.supports))
+        object.__setattr__(self, "unsupported_why", _frozen(self.unsupported_why))
 
     @property
     def names(self) -> tuple[str, ...]:

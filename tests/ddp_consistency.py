@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -21,11 +22,16 @@ from harness import TINY_MODEL, make_data, make_module
 HP = {"rank": 8, "update_proj_gap": 2}
 
 
+def _plain(v: torch.Tensor) -> torch.Tensor:
+    return v.dequantize() if type(v) is not torch.Tensor and hasattr(v, "dequantize") else v.detach()
+
+
 def checksum(trainer, pl_module) -> torch.Tensor:
     params = torch.stack([p.detach().double().sum() for p in pl_module.parameters()])
     opt = trainer.optimizers[0]
-    state = [v.detach().double().sum() for s in opt.state.values() for v in s.values()
-             if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    # Every state tensor counts: integer codes (lit_optim's fused low-bit) too, and torchao's quantized subclasses
+    # through their dequantized values (they implement no reductions).
+    state = [_plain(v).double().sum() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     return torch.cat([params, torch.stack(state) if state else torch.zeros(1, dtype=torch.float64)])
 
 
@@ -47,6 +53,7 @@ def main() -> None:
     out, names = sys.argv[1], sys.argv[2:]
     results = {}
     for name in names:
+        start = time.perf_counter()
         L.seed_everything(0, verbose=False)
         probe = Consistency()
         optim = {"name": name, "lr": 1e-2, **(HP if name.startswith(("galore", "apollo")) else {})}
@@ -54,7 +61,7 @@ def main() -> None:
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             num_sanity_val_steps=0, limit_val_batches=0, callbacks=[probe])
         trainer.fit(make_module(optim, model=TINY_MODEL), make_data())
-        results[name] = probe.result
+        results[name] = {**probe.result, "seconds": round(time.perf_counter() - start, 1)}
     if trainer.global_rank == 0:
         Path(out).write_text(json.dumps(results))
 

@@ -279,3 +279,11 @@ def test_readme_adoption_diff_applied_trains():
     assert trainer.global_step == 2
     assert type(trainer.optimizers[0]).__name__ == "PagedAdamW8bit"
     assert trainer.lr_scheduler_configs, "the schedule named at the call site"
+
+
+def test_readme_support_matrix_matches_the_code():
+    from lit_optim.support_matrix import matrix_table
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split(docs.MATRIX_START, 1)[1].split(docs.MATRIX_END, 1)[0]
+    assert block.strip() == matrix_table(), "README support matrix is stale: run `python -m lit_optim.docs`"

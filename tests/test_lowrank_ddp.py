@@ -1,7 +1,8 @@
-"""GaLore under DDP (two CPU processes, gloo): it trains and the ranks stay identical -- gradients are all-reduced
-before the step, so every rank computes the same SVD (APOLLO's seeded projections and Adam-mini's block statistics are
-computed from the same all-reduced numbers in the same way; tests/ddp_consistency.py takes any names). In-backward is
-refused under DDP: see test_in_backward.py."""
+"""Every optimizer family that runs on CPU, under DDP (two CPU processes, gloo, one process group for all names): it
+trains and the ranks end with identical parameters and optimizer state (low-bit codes included). For GaLore,
+gradients are all-reduced before the step, so every rank computes the same SVD (APOLLO's seeded projections and
+Adam-mini's block statistics are computed from the same all-reduced numbers in the same way;
+tests/ddp_consistency.py takes any names). In-backward is refused under DDP: see test_in_backward.py."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-# The SVD is the part that must agree across ranks; APOLLO/Adam-mini are rank-local the same way.
-NAMES = ["galore_adamw"]
+# One name per DDP-supported family of the README's support matrix (lit_optim/support_matrix.py names this test).
+NAMES = ["adamw_torch", "adamw_torch_fused", "adamw_torch_8bit", "adamw_torch_4bit", "adamw_bnb_8bit",
+         "paged_adamw_8bit", "galore_adamw", "apollo_adamw", "adam_mini", "adamw_fused_8bit", "adamw_fused_4bit"]
 
 
 @pytest.mark.slow
-def test_lowrank_optimizers_keep_ddp_ranks_identical(tmp_path):
+def test_every_ddp_family_keeps_ranks_identical(tmp_path):
     out = tmp_path / "ddp.json"
     script = Path(__file__).resolve().parent / "ddp_consistency.py"
     env = {k: v for k, v in os.environ.items()  # a port left by an earlier in-process DDP setup would hang rank 0

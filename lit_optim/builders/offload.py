@@ -9,8 +9,8 @@ import torch
 
 from lit_optim.bnb_adapter import private_override_manager
 from lit_optim.builders.construct import BuildContext, construct
-from lit_optim.errors import HyperparameterError
-from lit_optim.optimizers.offload import OffloadOptimizer
+from lit_optim.errors import HyperparameterError, IncompatibleConfigError
+from lit_optim.optimizers.offload import OffloadOptimizer, sharded_problem
 from lit_optim.spec import CPU, DDP, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
 
 OFFLOAD_TARGETS = ("cpu",)
@@ -84,6 +84,9 @@ def build_offloaded(spec: OptimizerSpec, groups: list[dict], kwargs: dict, conte
                     offload_gradients: bool) -> tuple[OffloadOptimizer, OptimizerSpec]:
     """`spec`'s optimizer over host copies of the parameters, and the spec of what was built (narrower support)."""
     params = [p for g in groups for p in g["params"]]
+    if any(hasattr(p, "to_local") for p in params):  # FSDP2 shards: refuse before the host copies fail on DTensors
+        raise IncompatibleConfigError(f"Optimizer {spec.name!r} with offload=cpu cannot run with this Trainer: "
+                                      + sharded_problem("ModelParallelStrategy") + ".")
     kwargs = host_kernel(spec, kwargs, params)
     fp32 = {id(p) for p in context.fp32_state_params}
 

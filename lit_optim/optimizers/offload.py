@@ -276,10 +276,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
 
         strategy, problems = trainer.strategy, []
         if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
-            problems.append(
-                f"strategy {type(strategy).__name__} shards parameters and optimizer state across ranks itself, and "
-                "full host copies of the parameters would undo the sharding; use FSDP's own CPU offload "
-                "(FSDPStrategy(cpu_offload=True)) or train with DDP/one device and offload=cpu")
+            problems.append(sharded_problem(type(strategy).__name__))
         elif not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             problems.append(f"strategy {type(strategy).__name__} is not supported with offload; use one device or DDP")
         if self.offload_gradients:
@@ -303,3 +300,10 @@ class OffloadOptimizer(torch.optim.Optimizer):
             name = getattr(getattr(self, "lit_optim", None), "name", self._name)
             raise IncompatibleConfigError(f"Optimizer {name!r} with offload=cpu cannot run with this Trainer: "
                                           + "; ".join(problems) + ".")
+
+
+def sharded_problem(who: str) -> str:
+    """Why offload refuses sharded training (the Trainer check, and the build when parameters are DTensors)."""
+    return (f"strategy {who} shards parameters and optimizer state across ranks itself, and full host copies of the "
+            "parameters would undo the sharding; use FSDP's own CPU offload (FSDPStrategy(cpu_offload=True)) or train "
+            "with DDP/one device and offload=cpu")

@@ -7,13 +7,15 @@ bitsandbytes' plain `AdamW` is 32-bit unless told otherwise; every name here pin
 from __future__ import annotations
 
 from lit_optim import theory
-from lit_optim.spec import CPU, DDP, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
+from lit_optim.spec import CPU, DDP, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
 
 SPECS: list[OptimizerSpec] = []  # in registry order; lit_optim/specs/all.py collects them
 register = SPECS.append
 
 # FSDP cannot save bitsandbytes' 8-bit/paged state through its optimizer state dict (bnb#89, #1403, #1732).
 _NO_FSDP = frozenset({CPU, DDP, GRAD_CLIP, GRAD_ACCUM})
+_WHY = {FSDP2: "bitsandbytes has no DTensor support and its 8-bit/paged state cannot go through FSDP's optimizer "
+               "state dict"}
 
 
 # Hugging Face's Trainer passes TrainingArguments' defaults where bitsandbytes' differ: weight_decay 0.0 (AdamW and
@@ -27,7 +29,7 @@ def _bnb(name, cls, bits, states, desc, *, paged=False, aliases=(), fixed=None, 
     register(OptimizerSpec(
         name=name, backend="bitsandbytes", target=f"bitsandbytes.optim:{cls}", bits=bits, paged=paged,
         state_bytes=theory_fn or theory.bnb_states(states, bits), aliases=aliases, fixed=fixed or {},
-        defaults=defaults or {}, supports=supports, embedding_state_32bit=bits == 8,
+        defaults=defaults or {}, supports=supports, embedding_state_32bit=bits == 8, unsupported_why=_WHY,
         description=f"bitsandbytes {cls}: {desc}" + (" State in paged (CUDA unified) memory." if paged else ""),
         notes=notes or ("Tensors under min_8bit_size (4096) elements keep 32-bit state." if bits == 8 else ""),
     ))

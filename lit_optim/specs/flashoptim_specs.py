@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from lit_optim import theory
 from lit_optim.builders.flashoptim import DEFAULT_MASTER_WEIGHT_BITS, arguments, build
-from lit_optim.spec import DDP, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
+from lit_optim.spec import DDP, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
 
 SPECS: list[OptimizerSpec] = []  # in registry order; lit_optim/specs/all.py collects them
 register = SPECS.append
@@ -20,6 +20,7 @@ register = SPECS.append
 # step(). FSDP is not claimed: flashoptim steps FSDP2 shards (checkpoints through DCP, evenly sharded parameters only)
 # but not FSDP1, and lit_optim's 'fsdp2' feature admits both of Lightning's FSDP strategies.
 _SUPPORTS = frozenset({DDP, GRAD_CLIP, GRAD_ACCUM})
+_WHY = {FSDP2: "flashoptim does not support FSDP1, which lit_optim's FSDP check admits with FSDP2"}
 # Triton, which compiles the step, supports NVIDIA GPUs of compute capability 8.0 (Ampere) and newer.
 _CAPABILITY = (8, 0)
 _DEFAULTS = {"quantize": True, "master_weight_bits": DEFAULT_MASTER_WEIGHT_BITS}
@@ -33,6 +34,7 @@ def _flash(name: str, cls: str, state_bytes, desc: str, defaults=None, notes: st
     register(OptimizerSpec(
         name=name, backend="flashoptim", target=f"flashoptim:{cls}", bits=8, state_bytes=state_bytes,
         requires_cuda=True, min_compute_capability=_CAPABILITY, supports=_SUPPORTS, builder=build, arguments=arguments,
+        unsupported_why=_WHY,
         defaults={**_DEFAULTS, **(defaults or {})}, notes=" ".join(filter(None, (notes, _NOTE))),
         description=f"FlashOptim {cls}: {desc}, fused Triton step; 24-bit master weights for bf16 params.",
     ))

@@ -16,7 +16,7 @@ from typing import Any
 from lit_optim import theory
 from lit_optim.builders.lowrank import adam_mini_arguments, adam_mini_builder, lowrank_arguments, lowrank_builder
 from lit_optim.optimizers.projection import factor_elements, projected_shape, projection_side
-from lit_optim.spec import CPU, DDP, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
+from lit_optim.spec import CPU, DDP, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
 from lit_optim.specs import bnb_specs, extra_specs, torch_specs, torchao_specs
 
 SPECS: list[OptimizerSpec] = []  # in registry order; lit_optim/specs/all.py collects them
@@ -26,6 +26,7 @@ FP32 = theory.FP32
 # FSDP2 shards each weight: a projection (SVD or random), a per-head/per-row block or a factored statistic of a shard
 # is not the one of the whole matrix.
 NO_FSDP = frozenset({CPU, DDP, GRAD_CLIP, GRAD_ACCUM})
+NO_FSDP_WHY = {FSDP2: "a projection, per-head block or factored statistic of a shard is not the whole matrix's"}
 GALORE_DEFAULTS = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
 APOLLO_DEFAULTS = {"rank": 128, "update_proj_gap": 200, "scale": 1.0, "proj_type": "std", "scale_type": "channel",
                    "norm_growth_limit": 1.01}
@@ -72,7 +73,7 @@ def _lowrank(name: str, target: str, inner: str | None, *, theory_defaults: Mapp
     """A GaLore/APOLLO spec; a fixed inner's spec is bound into builder, arguments and theory here."""
     bound = inner_spec(inner) if inner else None
     return OptimizerSpec(
-        name=name, backend="lit_optim", target=target, supports=NO_FSDP,
+        name=name, backend="lit_optim", target=target, supports=NO_FSDP, unsupported_why=NO_FSDP_WHY,
         builder=partial(lowrank_builder, inner=bound), arguments=partial(lowrank_arguments, inner=bound),
         fixed={"inner": inner} if inner else {},
         # bitsandbytes 8-bit inners keep the (never projected) embedding's state at 32 bits, as the plain name does;
@@ -83,7 +84,7 @@ def _lowrank(name: str, target: str, inner: str | None, *, theory_defaults: Mapp
 
 register(OptimizerSpec(
     name="adafactor", backend="lit_optim", target="lit_optim.optimizers.adafactor:Adafactor", aliases=("adafactor_hf",),
-    state_bytes=adafactor_theory, supports=NO_FSDP, defaults={"lr": 1e-3},
+    state_bytes=adafactor_theory, supports=NO_FSDP, unsupported_why=NO_FSDP_WHY, defaults={"lr": 1e-3},
     description="Adafactor with an absolute learning rate (Hugging Face's relative_step=False, scale_parameter=False): "
                 "factored second moment, update clipping, no first moment.",
     notes="Hugging Face's 'adafactor' builds transformers' own Adafactor class with these settings; this is "
@@ -161,7 +162,7 @@ def adam_mini_theory(shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
 register(OptimizerSpec(
     name="adam_mini", backend="lit_optim", target="lit_optim.optimizers.adam_mini:AdamMini", builder=adam_mini_builder,
     arguments=adam_mini_arguments,
-    supports=NO_FSDP, state_bytes=adam_mini_theory,
+    supports=NO_FSDP, unsupported_why=NO_FSDP_WHY, state_bytes=adam_mini_theory,
     description="Adam-mini: one second moment per Hessian block (query/key: per head; value, attention output, MLP: "
                 "per output neuron; embedding/head: per token; 1-D: per tensor).",
     notes="Heads come from the model (n_heads attribute, or config.num_attention_heads/num_key_value_heads) or from "
