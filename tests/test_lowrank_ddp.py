@@ -12,15 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 # One name per DDP-supported family of the README's support matrix (lit_optim/support_matrix.py names this test).
 NAMES = ["adamw_torch", "adamw_torch_fused", "adamw_torch_8bit", "adamw_torch_4bit", "adamw_bnb_8bit",
          "paged_adamw_8bit", "galore_adamw", "apollo_adamw", "adam_mini", "adamw_fused_8bit", "adamw_fused_4bit"]
 
 
-@pytest.mark.slow
-def test_every_ddp_family_keeps_ranks_identical(tmp_path):
+def test_every_ddp_family_keeps_ranks_identical(tmp_path):  # the support matrix's DDP cells rest on it: not `slow`
     out = tmp_path / "ddp.json"
     script = Path(__file__).resolve().parent / "ddp_consistency.py"
     env = {k: v for k, v in os.environ.items()  # a port left by an earlier in-process DDP setup would hang rank 0

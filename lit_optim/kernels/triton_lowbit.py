@@ -23,9 +23,15 @@ import triton.language as tl
 from lit_optim.kernels import codes
 from lit_optim.kernels.reference import LION
 
-# Chosen on an H100/H200 with benchmarks/optimizer_step.py; see benchmarks/README.md.
-NUM_WARPS = {8: 1, 4: 1}  # one warp per program: a block's reductions stay within the warp (shuffles, no barrier)
+# Chosen on an H100 with benchmarks/lowbit_kernel.py (see benchmarks/README.md): one warp per program for blocks of up
+# to 256 per tile, so a block's reductions stay within the warp (shuffles, no barrier); more warps for larger blocks,
+# which would otherwise hold too many elements per thread.
 SPAN = 64  # blocks per program: the table lookups at a program's start are paid once per SPAN blocks
+
+
+def _num_warps(bits: int, block_size: int) -> int:
+    tile = block_size if bits == 8 else block_size // 2
+    return max(1, min(8, tile // 256))
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -335,7 +341,7 @@ def step_many(params: list[torch.Tensor], grads: list[torch.Tensor], states: lis
     if not params:
         return
     device = params[0].device
-    num_warps = num_warps or NUM_WARPS[bits]
+    num_warps = num_warps or _num_warps(bits, block_size)
     span = span or SPAN
     numels = tuple(p.numel() for p in params)
     chunk_tensor, chunk_block = _chunk_table(numels, block_size, span, device)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from lit_optim import theory
-from lit_optim.spec import DDP, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
+from lit_optim.spec import CPU, DDP, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
 
 SPECS: list[OptimizerSpec] = []  # in registry order; lit_optim/specs/all.py collects them
 register = SPECS.append
 
-_GPU_ONLY = frozenset({DDP, FSDP2, GRAD_CLIP, GRAD_ACCUM})
+_GPU_ONLY = frozenset({DDP, GRAD_CLIP, GRAD_ACCUM})
+_NO_FSDP = frozenset({CPU, DDP, GRAD_CLIP, GRAD_ACCUM})
+# torchao picks low-bit or fp32 state per tensor it sees; under FSDP2 that is each rank's shard (pytorch/ao#4912).
+_WHY = {FSDP2: "torchao decides low-bit or fp32 state per local shard (pytorch/ao#4912), so a parameter's precision "
+               "would depend on how FSDP splits it and differ from rank to rank; use DDP, or adamw_torch under FSDP2"}
 _NOTE = "Only tensors with >= 4096 elements divisible by block_size get low-bit state; the rest keep fp32."
 
 # adamw_torch_8bit/4bit are Hugging Face names: HF's Trainer passes weight_decay 0.0 (TrainingArguments' default, not
@@ -18,12 +22,13 @@ for decoupled, prefix, label in ((True, "adamw", "AdamW"), (False, "adam", "Adam
     block4 = 256 if decoupled else 128
     register(OptimizerSpec(
         name=f"{prefix}_torch_8bit", backend="torchao", target=f"torchao.optim:{label}8bit", bits=8,
-        state_bytes=theory.torchao_states(2, 8), notes=_NOTE, defaults=hf,
+        state_bytes=theory.torchao_states(2, 8), notes=_NOTE, defaults=hf, supports=_NO_FSDP, unsupported_why=_WHY,
         description=f"torchao {label}8bit: block-wise (256) 8-bit dynamic-tree quantized moments.",
     ))
     register(OptimizerSpec(
         name=f"{prefix}_torch_4bit", backend="torchao", target=f"torchao.optim:{label}4bit", bits=4,
-        state_bytes=theory.torchao_states(2, 4), defaults={**hf, "block_size": block4},
+        state_bytes=theory.torchao_states(2, 4), defaults={**hf, "block_size": block4}, supports=_NO_FSDP,
+        unsupported_why=_WHY,
         notes=_NOTE + (" block_size defaults to 256 as in Hugging Face's Trainer (torchao's own default is 128)."
                        if decoupled else ""),
         description=f"torchao {label}4bit: block-wise ({block4}) 4-bit quantized moments.",
@@ -31,6 +36,6 @@ for decoupled, prefix, label in ((True, "adamw", "AdamW"), (False, "adam", "Adam
     register(OptimizerSpec(
         name=f"{prefix}_fp8", backend="torchao", target=f"torchao.optim:{label}Fp8", bits=8,
         state_bytes=theory.torchao_states(2, "fp8"), requires_cuda=True, min_compute_capability=(8, 9),
-        supports=_GPU_ONLY, aliases=(f"{prefix}_torch_fp8",), notes=_NOTE,
+        supports=_GPU_ONLY, unsupported_why=_WHY, aliases=(f"{prefix}_torch_fp8",), notes=_NOTE,
         description=f"torchao {label}Fp8: block-wise scaled float8 (e4m3) moments; CUDA compute capability >= 8.9.",
     ))
