@@ -20,6 +20,7 @@ from lit_optim.spec import CPU
 STRATEGIES = ("DDP", "FSDP2")
 _DDP_TEST = "tests/test_lowrank_ddp.py::test_every_ddp_family_keeps_ranks_identical"
 _FSDP_TEST = "tests/test_fsdp2_lowbit.py::test_fsdp2_steps_sharded_parameters_like_one_process"
+_FSDP_RESUME_TEST = "tests/test_fsdp2_resume.py::test_fsdp2_adamw_torch_resumes_exactly_from_sharded_checkpoint"
 REFUSAL_TEST = "tests/test_support_matrix.py::test_refused_cell_stops_before_step_1"
 NOT_ON_CPU = "untested: its step needs CUDA and no multi-GPU machine has run it yet"
 
@@ -67,7 +68,8 @@ def families() -> list[Family]:
 # (family key, strategy) -> the test that trains the family that way; every cell the code allows must be here.
 TESTED_BY = {
     ("torch AdamW", "DDP"): _DDP_TEST,
-    ("torch AdamW", "FSDP2"): _FSDP_TEST + " (stepping; sharded resume untested)",
+    ("torch AdamW", "FSDP2"): _FSDP_RESUME_TEST + " (exact resume from a torch.distributed.checkpoint save;"
+                              " stepping against one process: `" + _FSDP_TEST + "`)",
     ("torchao 8-bit/4-bit", "DDP"): _DDP_TEST,
     ("torchao FP8", "DDP"): NOT_ON_CPU,
     ("bitsandbytes 8-bit, 32-bit and paged", "DDP"): _DDP_TEST,
