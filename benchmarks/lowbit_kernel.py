@@ -45,12 +45,7 @@ def sweep(bits: int, block: int, params, grads, report) -> None:
     from lit_optim.kernels.reference import ADAMW
     from lit_optim.kernels.triton_lowbit import step_many
 
-    states = []
-    for p in params:
-        s = {}
-        s["exp_avg"], s["exp_avg_scale"] = codes.empty_moment(p.numel(), bits, block, True, "cuda")
-        s["exp_avg_sq"], s["exp_avg_sq_scale"] = codes.empty_moment(p.numel(), bits, block, False, "cuda")
-        states.append(s)
+    states = [codes.empty_state(p.numel(), bits, block, 2, "cuda") for p in params]
     work = [p.clone() for p in params]
     bpp = 4 + 2 + 2 * 2 * bits / 8 + 2 * 2 * 4 / block
     hp = dict(mode=ADAMW, bits=bits, block_size=block, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
@@ -89,11 +84,7 @@ def bitwise_summary() -> None:
                 fused = [p.clone() for p in ref]
                 sr, sf = [], []
                 for p in ref:
-                    st = {}
-                    st["exp_avg"], st["exp_avg_scale"] = codes.empty_moment(p.numel(), bits, block, True, "cuda")
-                    if mode != LION:
-                        st["exp_avg_sq"], st["exp_avg_sq_scale"] = codes.empty_moment(
-                            p.numel(), bits, block, False, "cuda")
+                    st = codes.empty_state(p.numel(), bits, block, 1 if mode == LION else 2, "cuda")
                     sr.append(st)
                     sf.append({k: v.clone() for k, v in st.items()})
                 for step in range(1, 4):

@@ -109,6 +109,44 @@ def resume_matches(optim: dict[str, Any], tmp_path: Path, steps: int = 12, **kw)
     return params_equal, states_equal(t1.optimizers[0], t2.optimizers[0]), losses
 
 
+def weights_only_resume(make_model, name: str, batches: list, **hp):
+    """Registry name `name` trained on `batches` straight equals the same run saved half-way through `torch.save`,
+    read back with `torch.load(weights_only=True)` into a fresh model and optimizer, and finished there: every
+    parameter and every state tensor (values and dtypes), bit for bit. `make_model` builds the same model each call."""
+    import io
+
+    import lit_optim
+
+    def train(model, opt, xs):
+        for x in xs:
+            opt.zero_grad()
+            model(x).float().square().mean().backward()
+            opt.step()
+
+    straight = make_model()
+    o1 = lit_optim.build_optimizer(straight, name, **hp)
+    train(straight, o1, batches)
+    half = make_model()
+    o2 = lit_optim.build_optimizer(half, name, **hp)
+    train(half, o2, batches[: len(batches) // 2])
+    buf = io.BytesIO()
+    torch.save({"model": half.state_dict(), "optim": o2.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    resumed = make_model()
+    o3 = lit_optim.build_optimizer(resumed, name, **hp)
+    resumed.load_state_dict(saved["model"])
+    o3.load_state_dict(saved["optim"])
+    train(resumed, o3, batches[len(batches) // 2:])
+    for p1, p3 in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p1, p3)
+        s1, s3 = o1.state[p1], o3.state[p3]
+        assert s1.keys() == s3.keys()
+        for key in s1:
+            assert torch.equal(s1[key].cpu(), s3[key].cpu()) and s1[key].dtype == s3[key].dtype, (name, key)
+    return o1
+
+
 # --- helpers added for the registry/error/mixin tests ------------------------------------------------------------
 
 

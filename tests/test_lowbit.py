@@ -3,7 +3,6 @@ through Triton's interpreter. The GPU side (bit-for-bit kernel vs reference, spe
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import subprocess
@@ -12,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+from harness import weights_only_resume
 
 import lit_optim
 from lit_optim.kernels import codes
@@ -116,39 +116,13 @@ def test_lion_matches_a_plain_lion_up_to_the_momentum_codes():
 
 @pytest.mark.parametrize("name", ["adamw_fused_8bit", "adamw_fused_4bit", "adam_fused_8bit", "lion_fused_4bit"])
 def test_state_is_plain_tensors_that_resume_exactly_through_weights_only_checkpoints(name):
-    torch.manual_seed(0)
-    xs = [torch.randn(16, 40) for _ in range(6)]
-
     def model():
         torch.manual_seed(1)
         return torch.nn.Sequential(torch.nn.Linear(40, 300), torch.nn.Tanh(), torch.nn.Linear(300, 3))
 
-    def train(m, o, batches):
-        for x in batches:
-            o.zero_grad()
-            m(x).square().mean().backward()
-            o.step()
-
-    m1 = model()
-    o1 = lit_optim.build_optimizer(m1, name, lr=1e-3)
-    train(m1, o1, xs)
-    m2 = model()
-    o2 = lit_optim.build_optimizer(m2, name, lr=1e-3)
-    train(m2, o2, xs[:3])
-    buf = io.BytesIO()
-    torch.save({"model": m2.state_dict(), "optim": o2.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    m3 = model()
-    o3 = lit_optim.build_optimizer(m3, name, lr=1e-3)
-    m3.load_state_dict(saved["model"])
-    o3.load_state_dict(saved["optim"])
-    train(m3, o3, xs[3:])
-    for p1, p3 in zip(m1.parameters(), m3.parameters()):
-        assert torch.equal(p1, p3)
-        for key, value in o1.state[p1].items():
-            assert torch.equal(value, o3.state[p3][key]) and value.dtype == o3.state[p3][key].dtype, key
-    codes_dtype = {t.dtype for s in o1.state.values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")}
+    torch.manual_seed(0)
+    opt = weights_only_resume(model, name, [torch.randn(16, 40) for _ in range(6)], lr=1e-3)
+    codes_dtype = {t.dtype for s in opt.state.values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")}
     assert codes_dtype <= {torch.int8, torch.uint8}
 
 
@@ -199,13 +173,7 @@ INTERPRETED = textwrap.dedent("""
             shapes = [(5, 130), (1,), (40,)]  # whole blocks (unmasked), spans, a partial last block (masked)
             ref = [torch.randn(s) for s in shapes]
             ker = [p.clone() for p in ref]
-            def state(p):
-                s = {}
-                s["exp_avg"], s["exp_avg_scale"] = codes.empty_moment(p.numel(), bits, block, True, "cpu")
-                if mode != LION:
-                    s["exp_avg_sq"], s["exp_avg_sq_scale"] = codes.empty_moment(p.numel(), bits, block, False, "cpu")
-                return s
-            sr = [state(p) for p in ref]
+            sr = [codes.empty_state(p.numel(), bits, block, 1 if mode == LION else 2, "cpu") for p in ref]
             sk = [{k: v.clone() for k, v in s.items()} for s in sr]
             for step in (1, 2):
                 grads = [torch.randn_like(p) for p in ref]

@@ -3,11 +3,11 @@ a tensor learning rate without recompiling, and exact resume. Run on a GPU machi
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
+from harness import weights_only_resume
 
 from lit_optim.kernels import codes
 from lit_optim.kernels.reference import ADAM, ADAMW, LION, step_tensor
@@ -18,11 +18,7 @@ SHAPES = [(4096, 1024), (3, 1000), (1,), (257,), (128, 129), (50_000,)]
 
 
 def _state(p, bits, block, mode):
-    s = {}
-    s["exp_avg"], s["exp_avg_scale"] = codes.empty_moment(p.numel(), bits, block, True, p.device)
-    if mode != LION:
-        s["exp_avg_sq"], s["exp_avg_sq_scale"] = codes.empty_moment(p.numel(), bits, block, False, p.device)
-    return s
+    return codes.empty_state(p.numel(), bits, block, 1 if mode == LION else 2, p.device)
 
 
 @pytest.mark.parametrize("bits,block", [(8, 256), (4, 128), (8, 64), (4, 512)])
@@ -150,8 +146,6 @@ def test_tensor_lr_changes_without_recompiling_and_matches_float_lr():
 
 @pytest.mark.parametrize("name", ["adamw_fused_8bit", "adamw_fused_4bit", "lion_fused_8bit"])
 def test_resume_is_exact_through_weights_only_checkpoints(name):
-    import lit_optim
-
     def model():
         torch.manual_seed(0)
         return torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256)).to(
@@ -159,36 +153,7 @@ def test_resume_is_exact_through_weights_only_checkpoints(name):
 
     torch.manual_seed(1)
     batches = [torch.randn(32, 256, device="cuda", dtype=torch.bfloat16) for _ in range(6)]
-
-    def train(m, o, xs):
-        for x in xs:
-            o.zero_grad()
-            m(x).float().square().mean().backward()
-            o.step()
-
-    m1 = model()
-    o1 = lit_optim.build_optimizer(m1, name, lr=1e-3, stochastic_rounding=True)
-    train(m1, o1, batches)
-
-    m2 = model()
-    o2 = lit_optim.build_optimizer(m2, name, lr=1e-3, stochastic_rounding=True)
-    train(m2, o2, batches[:3])
-    buf = io.BytesIO()
-    torch.save({"model": m2.state_dict(), "optim": o2.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    m3 = model()
-    o3 = lit_optim.build_optimizer(m3, name, lr=1e-3, stochastic_rounding=True)
-    m3.load_state_dict(saved["model"])
-    o3.load_state_dict(saved["optim"])
-    train(m3, o3, batches[3:])
-    for p1, p3 in zip(m1.parameters(), m3.parameters()):
-        assert torch.equal(p1, p3)
-        s1, s3 = o1.state[p1], o3.state[p3]
-        assert s1.keys() == s3.keys()
-        for key in s1:
-            assert torch.equal(s1[key].cpu(), s3[key].cpu()), key
-            assert s1[key].dtype == s3[key].dtype
+    weights_only_resume(model, name, batches, lr=1e-3, stochastic_rounding=True)
 
 
 def test_first_step_is_not_a_compile_per_shape():

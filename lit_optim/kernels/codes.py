@@ -58,6 +58,16 @@ def empty_moment(numel: int, bits: int, block_size: int, signed: bool, device) -
     return codes, torch.zeros(blocks, dtype=torch.float32, device=device)
 
 
+def empty_state(numel: int, bits: int, block_size: int, moments: int, device) -> dict[str, torch.Tensor]:
+    """A tensor's all-zero optimizer state: `exp_avg` (signed) and, for two moments, `exp_avg_sq` (unsigned), each
+    with its `_scale`."""
+    state = {}
+    state["exp_avg"], state["exp_avg_scale"] = empty_moment(numel, bits, block_size, True, device)
+    if moments == 2:
+        state["exp_avg_sq"], state["exp_avg_sq_scale"] = empty_moment(numel, bits, block_size, False, device)
+    return state
+
+
 def _unpack(codes: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
     """Codes as int32, shape (blocks, block_size)."""
     if bits == 8:
@@ -93,7 +103,7 @@ def _f32(value: float) -> torch.Tensor:
 
 def _threshold(j: torch.Tensor, inv: float, power: int) -> torch.Tensor:
     """The value at which code j starts: ((j - 0.5) * inv) ** power, in fp32 multiplications."""
-    a = (j - 0.5) * _f32(inv).to(j.device)
+    a = (j - 0.5) * _f32(inv)
     a2 = a * a
     return a2 if power == 2 else a2 * a2
 

@@ -15,10 +15,12 @@ ADAM, ADAMW, LION = 0, 1, 2
 MOMENTS = {ADAM: 2, ADAMW: 2, LION: 1}
 
 
-def _fp32(value, device) -> torch.Tensor:
+def _fp32(value) -> torch.Tensor:
+    # A 0-dim CPU tensor enters device arithmetic as a scalar, with no host-to-device copy per step; a tensor lr stays
+    # where it is (on the device: no sync to read it).
     if isinstance(value, torch.Tensor):
-        return value.detach().to(device=device, dtype=torch.float32).reshape(())
-    return torch.tensor(value, dtype=torch.float32, device=device)
+        return value.detach().to(dtype=torch.float32).reshape(())
+    return torch.tensor(value, dtype=torch.float32)
 
 
 def round_to_bf16_stochastic(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -51,7 +53,7 @@ def step_tensor(p: torch.Tensor, grad: torch.Tensor, state: dict, *, mode: int, 
     def padded(t: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.pad(t.reshape(-1).float(), (0, pad)).view(shape)
 
-    f = lambda v: _fp32(v, dev)  # noqa: E731 - every scalar in fp32, as the kernel has it
+    f = _fp32  # every scalar in fp32, as the kernel has it
     one, lr32, b1, b2, wd = f(1.0), f(lr), f(beta1), f(beta2), f(weight_decay)
     p32, g = padded(p), padded(grad)
     valid = (torch.arange(blocks * block_size, device=dev) < n).view(shape)

@@ -168,6 +168,23 @@ def _load(ptr, idx, ok, other, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _advance(p, g, mq, vq, m_scale, v_scale, p_ptr, idx, ok, seed, lr, beta1, beta2, eps, wd, inv_bc1, inv_sqrt_bc2,
+             MODE: tl.constexpr, TOP: tl.constexpr, LEVELS: tl.constexpr, P_DTYPE: tl.constexpr,
+             STOCHASTIC: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr, ASM: tl.constexpr):
+    """One tile of a block: decode its moments, step, store the parameter; (m, v, sqrt(v)) with padding zeroed."""
+    m = _decode_signed(mq, m_scale, TOP, EXACT)
+    v = m
+    if MODE != 2:
+        v = _decode_unsigned(vq, v_scale, LEVELS, EXACT)
+    new_p, m, v, root_v = _update(p, g, m, v, lr, beta1, beta2, eps, wd, inv_bc1, inv_sqrt_bc2, MODE, EXACT, ASM)
+    _store_param(p_ptr, idx, ok, new_p, seed, P_DTYPE, STOCHASTIC, MASKED)
+    if MASKED:
+        m = tl.where(ok, m, 0.0)
+        v = tl.where(ok, v, 0.0)
+    return m, v, root_v
+
+
+@triton.jit
 def _block(p_ptr, g_ptr, m_ptr, ms_ptr, v_ptr, vs_ptr, first_elem, remaining,
            lr, beta1, beta2, eps, wd, inv_bc1, inv_sqrt_bc2, seed,
            MODE: tl.constexpr, BITS: tl.constexpr, TOP: tl.constexpr, LEVELS: tl.constexpr, BLOCK: tl.constexpr,
@@ -193,6 +210,9 @@ def _block(p_ptr, g_ptr, m_ptr, ms_ptr, v_ptr, vs_ptr, first_elem, remaining,
         mb = tl.load(m_ptr + lo).to(tl.int32)
         mq_lo = (mb & 15) - 8
         mq_hi = (mb >> 4) - 8
+    v_scale = m_scale  # Lion keeps no second moment: these stand in, unread
+    vq_lo = mq_lo
+    vq_hi = mq_lo
     if MODE != 2:
         v_scale = tl.load(vs_ptr)
         vb = tl.load(v_ptr + lo).to(tl.int32)
@@ -202,30 +222,16 @@ def _block(p_ptr, g_ptr, m_ptr, ms_ptr, v_ptr, vs_ptr, first_elem, remaining,
             vq_lo = vb & 15
             vq_hi = vb >> 4
 
-    m_lo = _decode_signed(mq_lo, m_scale, TOP, EXACT)
-    v_lo = m_lo
-    if MODE != 2:
-        v_lo = _decode_unsigned(vq_lo, v_scale, LEVELS, EXACT)
-    np_lo, m_lo, v_lo, r_lo = _update(p_lo, g_lo, m_lo, v_lo, lr, beta1, beta2, eps, wd, inv_bc1, inv_sqrt_bc2,
-                                      MODE, EXACT, ASM)
     # Stochastic rounding: one random stream per block (the tensor's seed plus the block's first element).
-    _store_param(p_ptr, lo, lo_ok, np_lo, seed + first_elem, P_DTYPE, STOCHASTIC, MASKED)
-    if MASKED:
-        m_lo = tl.where(lo_ok, m_lo, 0.0)
-        v_lo = tl.where(lo_ok, v_lo, 0.0)
+    m_lo, v_lo, r_lo = _advance(p_lo, g_lo, mq_lo, vq_lo, m_scale, v_scale, p_ptr, lo, lo_ok, seed + first_elem,
+                                lr, beta1, beta2, eps, wd, inv_bc1, inv_sqrt_bc2,
+                                MODE, TOP, LEVELS, P_DTYPE, STOCHASTIC, MASKED, EXACT, ASM)
     m_new = tl.max(tl.abs(m_lo), axis=0)
     v_new = tl.max(v_lo, axis=0)
     if BITS == 4:
-        m_hi = _decode_signed(mq_hi, m_scale, TOP, EXACT)
-        v_hi = m_hi
-        if MODE != 2:
-            v_hi = _decode_unsigned(vq_hi, v_scale, LEVELS, EXACT)
-        np_hi, m_hi, v_hi, r_hi = _update(p_hi, g_hi, m_hi, v_hi, lr, beta1, beta2, eps, wd, inv_bc1, inv_sqrt_bc2,
-                                          MODE, EXACT, ASM)
-        _store_param(p_ptr, hi, hi_ok, np_hi, seed + first_elem, P_DTYPE, STOCHASTIC, MASKED)
-        if MASKED:
-            m_hi = tl.where(hi_ok, m_hi, 0.0)
-            v_hi = tl.where(hi_ok, v_hi, 0.0)
+        m_hi, v_hi, r_hi = _advance(p_hi, g_hi, mq_hi, vq_hi, m_scale, v_scale, p_ptr, hi, hi_ok, seed + first_elem,
+                                    lr, beta1, beta2, eps, wd, inv_bc1, inv_sqrt_bc2,
+                                    MODE, TOP, LEVELS, P_DTYPE, STOCHASTIC, MASKED, EXACT, ASM)
         m_new = tl.maximum(m_new, tl.max(tl.abs(m_hi), axis=0))
         v_new = tl.maximum(v_new, tl.max(v_hi, axis=0))
 

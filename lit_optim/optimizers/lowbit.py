@@ -76,10 +76,8 @@ class _LowBitOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__} steps real floating-point parameters, got {local.dtype}")
         state = self.state[p]
         state["step"] = torch.tensor(0.0)
-        n, bits, block = local.numel(), group["bits"], group["block_size"]
-        state["exp_avg"], state["exp_avg_scale"] = codes.empty_moment(n, bits, block, True, local.device)
-        if MOMENTS[self.MODE] == 2:
-            state["exp_avg_sq"], state["exp_avg_sq_scale"] = codes.empty_moment(n, bits, block, False, local.device)
+        state.update(codes.empty_state(local.numel(), group["bits"], group["block_size"], MOMENTS[self.MODE],
+                                       local.device))
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
