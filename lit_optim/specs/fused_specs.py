@@ -20,11 +20,14 @@ _NOTE = ("Every tensor gets low-bit state (the last block padded), whatever its 
 _CODES = {8: "int8 sqrt-companded first moment, uint8 fourth-root second moment",
           4: "4-bit sqrt-companded first moment, 4-bit fourth-root second moment"}
 
+# weight_decay defaults to 0.0 as for every other AdamW name in the registry (Hugging Face's default), so that
+# `lit-optim compare optim=adamw_torch,adamw_fused_8bit,...` changes the optimizer and nothing else.
 for prefix, cls, label in (("adamw", "LowBitAdamW", "AdamW"), ("adam", "LowBitAdam", "Adam (L2 weight decay)")):
     for bits in (8, 4):
         register(OptimizerSpec(
             name=f"{prefix}_fused_{bits}bit", backend="lit_optim", target=f"lit_optim.optimizers.lowbit:{cls}",
-            bits=bits, fixed={"bits": bits}, defaults={"block_size": theory.FUSED_DEFAULT_BLOCK[bits]},
+            bits=bits, fixed={"bits": bits},
+            defaults={"block_size": theory.FUSED_DEFAULT_BLOCK[bits], "weight_decay": 0.0},
             state_bytes=theory.fused_lowbit_states(2, bits), supports=_SUPPORTS, unsupported_why=_WHY,
             notes=_NOTE,
             description=f"lit_optim {label}, fused step: block-wise ({theory.FUSED_DEFAULT_BLOCK[bits]}) "
