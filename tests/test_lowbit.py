@@ -208,3 +208,34 @@ def test_names_report_what_they_build():
     assert type(opt) is LowBitAdamW and opt.param_groups[0]["bits"] == 4
     assert opt.param_groups[0]["block_size"] == 256
     assert math.isclose(lit_optim.get_spec("lion_fused_8bit").state_bytes((1024,), {}), 1024 + 4 * 4)
+
+
+@pytest.mark.parametrize("bits,block", [(8, 256), (4, 128), (4, 512)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_step_in_runs_of_blocks_equals_one_pass_bit_for_bit(monkeypatch, bits, block, dtype):
+    """The CPU path steps big tensors a run of blocks at a time (for the cache); every run length gives the same
+    parameters and codes as one pass over the whole tensor."""
+    from lit_optim.kernels import reference
+
+    def train(run_elements):
+        monkeypatch.setattr(reference, "CPU_RUN_ELEMENTS", run_elements)
+        gen = torch.Generator().manual_seed(3)
+        n = 9 * 1024 + 77  # several runs and a padded last block
+        out = {}
+        for mode in (reference.ADAM, reference.ADAMW, reference.LION):
+            p = torch.randn(n, generator=gen).to(dtype)
+            state = codes.empty_state(n, bits, block, reference.MOMENTS[mode], "cpu")
+            for t in (1, 2, 3):
+                g = torch.randn(n, generator=gen).to(dtype)
+                reference.step_tensor(p, g, state, mode=mode, bits=bits, block_size=block, lr=1e-2, beta1=0.9,
+                                      beta2=0.99, eps=1e-8, weight_decay=0.1, inv_bc1=1 / (1 - 0.9 ** t),
+                                      inv_sqrt_bc2=1 / math.sqrt(1 - 0.99 ** t))
+            out[mode] = (p, state)
+        return out
+
+    whole, runs = train(1 << 40), train(2 * 1024)
+    for mode, (p, state) in whole.items():
+        q, other = runs[mode]
+        assert torch.equal(p.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           q.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+        assert state.keys() == other.keys() and all(torch.equal(state[k], other[k]) for k in state)

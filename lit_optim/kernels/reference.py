@@ -36,6 +36,22 @@ def _store(state: dict, key: str, new_codes: torch.Tensor, scale: torch.Tensor) 
     state[key + "_scale"].copy_(scale)
 
 
+# On the CPU a tensor is stepped in runs of this many blocks: the ~20 fp32 temporaries of one run stay in cache
+# instead of streaming through memory once each. Blocks are independent (each has its own scale), so the result is
+# the same bit for bit whatever the run length.
+CPU_RUN_ELEMENTS = 1 << 18
+
+
+def _state_rows(state: dict, start: int, stop: int, block_bytes: int) -> dict:
+    """Views of blocks [start, stop) of the codes (`block_bytes` per block) and scales (one per block) in `state`."""
+    out = {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            out[key] = state[key][start * block_bytes:stop * block_bytes]
+            out[key + "_scale"] = state[key + "_scale"][start:stop]
+    return out
+
+
 @torch.no_grad()
 def step_tensor(p: torch.Tensor, grad: torch.Tensor, state: dict, *, mode: int, bits: int, block_size: int,
                 lr, beta1: float, beta2: float, eps: float, weight_decay: float, inv_bc1: float = 1.0,
@@ -45,6 +61,28 @@ def step_tensor(p: torch.Tensor, grad: torch.Tensor, state: dict, *, mode: int, 
 
     ``inv_bc1 = 1 / (1 - beta1**t)`` and ``inv_sqrt_bc2 = 1 / sqrt(1 - beta2**t)`` (Adam's bias corrections).
     """
+    hp = dict(mode=mode, bits=bits, block_size=block_size, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+              weight_decay=weight_decay, inv_bc1=inv_bc1, inv_sqrt_bc2=inv_sqrt_bc2)
+    n = p.numel()
+    blocks = codes.num_blocks(n, block_size)
+    run = max(1, CPU_RUN_ELEMENTS // block_size)
+    sr = stochastic_rounding and p.dtype == torch.bfloat16
+    if p.device.type != "cpu" or blocks <= run or sr or not (p.is_contiguous() and grad.is_contiguous()):
+        # One pass over the whole tensor (the CUDA fallback, small tensors, and stochastic rounding, whose noise is
+        # drawn for the whole tensor at once so that its stream does not depend on the run length).
+        _step_blocks(p, grad, state, stochastic_rounding=sr, generator=generator, **hp)
+        return
+    flat_p, flat_g = p.view(-1), grad.view(-1)
+    for start in range(0, blocks, run):
+        stop = min(blocks, start + run)
+        lo, hi = start * block_size, min(n, stop * block_size)
+        _step_blocks(flat_p[lo:hi], flat_g[lo:hi], _state_rows(state, start, stop, block_size * bits // 8), **hp)
+
+
+def _step_blocks(p: torch.Tensor, grad: torch.Tensor, state: dict, *, mode: int, bits: int, block_size: int,
+                 lr, beta1: float, beta2: float, eps: float, weight_decay: float, inv_bc1: float,
+                 inv_sqrt_bc2: float, stochastic_rounding: bool = False,
+                 generator: torch.Generator | None = None) -> None:
     dev, n = p.device, p.numel()
     blocks = codes.num_blocks(n, block_size)
     shape = (blocks, block_size)
