@@ -53,6 +53,12 @@ def leaf_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
         yield t
 
 
+def local_numel(p: torch.Tensor) -> int:
+    """Elements this process holds of `p`: a DTensor's (FSDP2 shard's) local part, else all of them."""
+    local = getattr(p, "_local_tensor", None)
+    return local.numel() if isinstance(local, torch.Tensor) else p.numel()
+
+
 def storage_key(t: torch.Tensor) -> tuple[str, int]:
     return (t.device.type, t.untyped_storage().data_ptr())
 
@@ -431,6 +437,7 @@ def state_report(optimizer) -> StateReport:
         stats = groups.get(name)
         if stats is None:
             stats = groups[name] = StateStats(name)
-        stats.add_param(p.numel(), nbytes, q)
-        total.add_param(p.numel(), nbytes, q)
+        # Bytes are this rank's storages, so parameters are this rank's elements too (an FSDP2 shard's).
+        stats.add_param(local_numel(p), nbytes, q)
+        total.add_param(local_numel(p), nbytes, q)
     return report

@@ -61,3 +61,13 @@ def test_ddp_with_offload_matches_ddp_without(tmp_path):
         assert torch.equal(value, b["state_dict"][key]), key
     sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+    # The state monitor gathers every rank's figures: under DDP each of the 2 ranks holds a full copy.
+    from lit_optim.run_metrics import RunMetrics
+
+    for run, where in ((plain, "bytes_cpu"), (offloaded, "bytes_cpu")):
+        m = RunMetrics.find(run)
+        one, total = m.last("optim_state/bytes"), m.last("optim_state/all_ranks/bytes")
+        assert one and total == 2 * one and m.last("optim_state/ranks") == 2, (run.name, one, total)
+        assert m.last("optim_state/max_rank/bytes") == one
+        assert m.last(f"optim_state/all_ranks/{where}") == 2 * m.last(f"optim_state/{where}")
+        assert m.last("optim_state/all_ranks/trainable_params") == 2 * m.last("optim_state/trainable_params")
