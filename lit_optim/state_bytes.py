@@ -44,11 +44,14 @@ _WALK_DEPTH = 6
 
 
 def leaf_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The plain tensors that hold `t`'s data (`t` itself unless it is a wrapper subclass)."""
+    """The plain tensors that hold `t`'s data (`t` itself unless it is a wrapper subclass). A DTensor (FSDP2) gives
+    its local tensor: bytes are this rank's."""
     if is_traceable_wrapper_subclass(t):
         names, _ = t.__tensor_flatten__()
         for name in names:
-            yield from leaf_tensors(getattr(t, name))
+            inner = getattr(t, name)
+            if isinstance(inner, torch.Tensor):  # DTensor also names its device mesh
+                yield from leaf_tensors(inner)
     else:
         yield t
 
@@ -382,7 +385,7 @@ def _storages(g: _Gathered, seen: set) -> Iterator[tuple]:
     for p in g.params.values():
         excluded.update(_skey(leaf) for leaf in leaf_tensors(p.detach()))
         if p.grad is not None:
-            excluded.add(_skey(p.grad))
+            excluded.update(_skey(leaf) for leaf in leaf_tensors(p.grad))
     pinning = _pinning_possible()
     params, group_of, plain = g.params, g.group_of, torch.Tensor
     for is_buffer in (False, True):

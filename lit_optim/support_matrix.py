@@ -21,6 +21,7 @@ STRATEGIES = ("DDP", "FSDP2")
 _DDP_TEST = "tests/test_lowrank_ddp.py::test_every_ddp_family_keeps_ranks_identical"
 _FSDP_TEST = "tests/test_fsdp2_lowbit.py::test_fsdp2_steps_sharded_parameters_like_one_process"
 _FSDP_RESUME_TEST = "tests/test_fsdp2_resume.py::test_fsdp2_adamw_torch_resumes_exactly_from_sharded_checkpoint"
+_FSDP_FUSED_RESUME_TEST = "tests/test_fsdp2_resume.py::test_fsdp2_fused_lowbit_resumes_exactly_from_sharded_checkpoint"
 REFUSAL_TEST = "tests/test_support_matrix.py::test_refused_cell_stops_before_step_1"
 NOT_ON_CPU = "untested: its step needs CUDA and no multi-GPU machine has run it yet"
 
@@ -76,6 +77,8 @@ TESTED_BY = {
     ("GaLore/APOLLO/Adam-mini", "DDP"): _DDP_TEST,
     ("CPU offload", "DDP"): "tests/test_distributed.py::test_ddp_with_offload_matches_ddp_without",
     ("lit_optim fused low-bit", "DDP"): _DDP_TEST,
+    ("lit_optim fused low-bit", "FSDP2"): _FSDP_FUSED_RESUME_TEST + " (exact resume from a torch.distributed.checkpoint"
+                                          " save on the same number of ranks; another number is refused)",
     ("FlashOptim", "DDP"): NOT_ON_CPU,
 }
 

@@ -4,7 +4,8 @@ the gathered parameters match one process stepping the whole model (tests/fsdp2_
 torch AdamW is exact. lit_optim's fused low-bit optimizers quantize each shard's blocks on their own: where a shard
 boundary is a block boundary (the 64 x 64 weights, 2048 elements a rank) they stay within rounding of one process;
 a shard that splits a block (each 64-element bias) gets other scales and drifts by a few percent of the update.
-That, and untested sharded checkpoints of the codes, is why the fused names still refuse FSDP before step 1.
+Every rank keeps the same kind of codes (bits, block size) for its shard; sharded checkpoints of them are
+tests/test_fsdp2_resume.py's.
 """
 
 from __future__ import annotations

@@ -1,13 +1,17 @@
-"""FSDP2 (`fully_shard`, DTensor parameters) on two CPU processes (gloo), checkpointed with torch.distributed.checkpoint
-(`get_state_dict` / `dcp.save`, then in new processes `dcp.load` / `set_state_dict`); tests/fsdp2_resume.py does the
-runs. A run resumed from the sharded checkpoint must end, on every rank, with exactly the parameter shards and
-optimizer state of a run that went straight through.
+"""FSDP2 (`fully_shard`, DTensor parameters) on CPU processes (gloo), checkpointed with torch.distributed.checkpoint
+(`get_state_dict` / `dcp.save`, then `dcp.load` / `set_state_dict` into a new model and optimizer) and as a full state
+dict (`StateDictOptions(full_state_dict=True)`); tests/fsdp2_resume.py does the runs. A run resumed from either
+checkpoint must end, on every rank, with exactly the parameter shards and optimizer state of a run that went straight
+through.
 
-torch AdamW (`adamw_torch` and `adamw_torch_fused`, built through lit_optim) resumes exactly: its moments are DTensors
-sharded like the parameters. lit_optim's fused low-bit state is plain tensors per local shard (flat codes and
-scales); DCP takes a plain tensor for a replicated one, writes a single rank's copy and loads it on every rank, so the
-other rank resumes with foreign codes, silently. That is pinned below: it is one reason the fused names refuse FSDP2
-before step 1.
+torch AdamW's moments are DTensors sharded like the parameters. lit_optim's fused low-bit optimizers keep plain
+per-rank codes and scales, sized for the largest shard so every rank's have the same length, and hand them to DCP as
+DTensors of shape (world, length) sharded on dim 0: each rank's row goes back to that rank. The model has a weight
+whose rows do not split evenly (65 over 2 ranks), biases smaller than a block and a one-element gain (rank 1's shard
+is empty).
+
+The CI tests resume in the same processes (one process group, fresh model and optimizer objects, everything read back
+from disk); the slow ones in new processes, and on 3 ranks from the 2-rank checkpoints, which must be refused.
 """
 
 from __future__ import annotations
@@ -21,17 +25,30 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parent / "fsdp2_resume.py"
-NAMES = ["adamw_torch", "adamw_torch_fused", "adamw_fused_8bit"]
+TORCH = ["adamw_torch", "adamw_torch_fused"]
+FUSED = ["adamw_fused_8bit", "adamw_fused_4bit", "lion_fused_8bit"]
+BITS = {"adamw_fused_8bit": 8, "adamw_fused_4bit": 4, "lion_fused_8bit": 8}
+
+
+def _spawn(root: Path, modes: str, names: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    proc = subprocess.run([sys.executable, str(SCRIPT), modes, str(root), *names], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp2_resume")
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
-    for mode in ("straight", "resume"):  # each in its own processes and process group
-        proc = subprocess.run([sys.executable, str(SCRIPT), mode, str(root), *NAMES], capture_output=True, text=True,
-                              timeout=300, env=env, cwd=root)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    _spawn(root, "straight,resume,full", TORCH + FUSED)  # one process group: CI stays fast
+    return root
+
+
+@pytest.fixture(scope="module")
+def fresh_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp2_resume_fresh")
+    for modes in ("straight", "resume", "reshard"):  # each in its own processes and process group
+        _spawn(root, modes, FUSED)
     return root
 
 
@@ -44,34 +61,77 @@ def _load(runs, name, mode, rank, when=""):
 
 def _differ(a: dict, b: dict) -> list[str]:
     assert a.keys() == b.keys() and a
-    return [k for k in a if not torch.equal(a[k], b[k])]
+    return [k for k in a if not torch.equal(a[k], b[k]) or a[k].dtype != b[k].dtype]
 
 
-@pytest.mark.parametrize("name", ["adamw_torch", "adamw_torch_fused"])
-def test_fsdp2_adamw_torch_resumes_exactly_from_sharded_checkpoint(runs, name):
+def _assert_resumes_exactly(runs, name, modes=("resume", "full")):
     for rank in range(2):
-        for when in (".mid", ""):  # at the checkpoint (saved vs loaded) and K steps after it
-            a, b = _load(runs, name, "straight", rank, when), _load(runs, name, "resume", rank, when)
-            assert a["dtensor"] == b["dtensor"] == "DTensor"
-            assert _differ(a["params"], b["params"]) == [], (rank, when)
-            assert _differ(a["state"], b["state"]) == [], (rank, when)
-        # Each rank holds its own 32 of 64 rows, moments included, and the last K steps moved them.
-        assert a["params"]["0.weight"].shape == a["state"]["0.weight.exp_avg"].shape == (32, 64)
-        assert float(a["state"]["0.weight.step"]) == 6.0
+        for mode in modes:
+            for when in (".mid", ""):  # at the checkpoint (saved vs loaded) and K steps after it
+                a, b = _load(runs, name, "straight", rank, when), _load(runs, name, mode, rank, when)
+                assert a["dtensor"] == b["dtensor"] == "DTensor"
+                assert _differ(a["params"], b["params"]) == [], (name, mode, rank, when)
+                assert _differ(a["state"], b["state"]) == [], (name, mode, rank, when)
+        # The last K steps moved every parameter with a non-empty shard on this rank.
         mid = _load(runs, name, "straight", rank, ".mid")
-        assert all(not torch.equal(v, mid["params"][k]) for k, v in a["params"].items())
+        assert all(not torch.equal(v, mid["params"][k]) for k, v in a["params"].items() if v.numel()), (name, rank)
 
 
-def test_fsdp2_fused_8bit_state_is_not_resharded_by_dcp(runs):
+@pytest.mark.parametrize("name", TORCH)
+def test_fsdp2_adamw_torch_resumes_exactly_from_sharded_checkpoint(runs, name):
+    _assert_resumes_exactly(runs, name)
+    for rank, rows in ((0, 33), (1, 32)):  # 65 rows: 33 + 32, moments included
+        a = _load(runs, name, "straight", rank)
+        assert a["params"]["0.weight"].shape == a["state"]["0.weight.exp_avg"].shape == (rows, 64)
+        assert float(a["state"]["0.weight.step"]) == 6.0
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_fsdp2_fused_lowbit_resumes_exactly_from_sharded_checkpoint(runs, name):
     from torch.distributed.checkpoint import FileSystemReader
 
-    meta = FileSystemReader(str(runs / "adamw_fused_8bit" / "ckpt")).read_metadata().state_dict_metadata
-    # The parameters are saved as two row shards; the codes of rank 0's and rank 1's shards as one "replicated" tensor.
-    assert len(meta["model.0.weight"].chunks) == 2
+    _assert_resumes_exactly(runs, name)
+    bits = BITS[name]
+    r0, r1 = (_load(runs, name, "straight", r) for r in range(2))
+    # Every rank's buffers are sized for the largest shard (33 x 64 = 2112 elements: 9 blocks of 256), so rank 1's
+    # 32 rows use 8 blocks and leave the 9th zero; a bias (33 or 32 elements) and the gain (1 or 0) take one block.
+    for key, blocks in (("0.weight", 9), ("2.weight", 9), ("0.bias", 1), ("2.bias", 1), ("3.weight", 1)):
+        for s in (r0["state"], r1["state"]):
+            assert s[f"{key}.exp_avg"].shape == (blocks * 256 * bits // 8,), (key, s[f"{key}.exp_avg"].shape)
+            assert s[f"{key}.exp_avg_scale"].shape == (blocks,)
+    assert float(r1["state"]["0.weight.exp_avg_scale"][8]) == 0.0 and float(r0["state"]["0.weight.exp_avg_scale"][8])
+    assert float(r1["state"]["3.weight.exp_avg_scale"][0]) == 0.0  # an empty shard never steps
+    assert float(r0["state"]["3.weight.step"]) == float(r1["state"]["3.weight.step"]) == 6.0
+    # The ranks' codes differ, so a rank given the other's would not resume exactly (what DCP did with plain state).
+    assert not torch.equal(r0["state"]["0.weight.exp_avg"], r1["state"]["0.weight.exp_avg"])
+    # DCP saved the codes as one (2, L) tensor in two row chunks, one per rank.
+    meta = FileSystemReader(str(runs / name / "ckpt")).read_metadata().state_dict_metadata
     codes = meta["optim.state.0.weight.exp_avg"]
-    assert tuple(codes.size) == (2048,) and len(codes.chunks) == 1
-    loaded = [_differ(_load(runs, "adamw_fused_8bit", "straight", r, ".mid")["state"],
-                      _load(runs, "adamw_fused_8bit", "resume", r, ".mid")["state"]) for r in range(2)]
-    # One rank gets its own codes back, the other gets them too, in place of its own: no error, a different run.
-    assert sorted(map(bool, loaded)) == [False, True], loaded
-    assert "0.weight.exp_avg" in max(loaded, key=len)
+    assert tuple(codes.size) == (2, 9 * 256 * bits // 8) and len(codes.chunks) == 2
+    assert tuple(meta["optim.state.0.weight.shard_layout"].size) == (3,)
+    # The state monitor counts each rank's own bytes and parameters (no crash on DTensors).
+    for s in (r0, r1):
+        assert s["monitor"]["bytes"] == sum(t.numel() * t.element_size() for t in s["state"].values())
+        assert s["monitor"]["params"] == sum(t.numel() for t in s["params"].values())
+    assert (r0["monitor"]["params"], r1["monitor"]["params"]) == (33 * 64 + 33 + 32 * 65 + 32 + 1,
+                                                                    32 * 64 + 32 + 32 * 65 + 32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FUSED)
+def test_fsdp2_fused_lowbit_resumes_exactly_in_new_processes(fresh_runs, name):
+    _assert_resumes_exactly(fresh_runs, name, modes=("resume",))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FUSED)
+def test_fsdp2_fused_lowbit_refuses_another_number_of_ranks(fresh_runs, name):
+    for rank in range(3):
+        errors = torch.load(fresh_runs / name / "reshard" / f"rank{rank}.errors.pt", weights_only=True)["errors"]
+        assert len(errors) == 2, errors
+        dcp_error, full_error = errors
+        # DCP: the codes' (world, L) shape names the two rank counts.
+        assert "Size mismatch between saved torch.Size([2, " in dcp_error and "current: torch.Size([3, " in dcp_error
+        # The full state dict gets through DCP's utilities; the optimizer refuses it with the reason and the fix.
+        assert "was saved sharded over 2 ranks" in full_error and "sharded over 3 ranks" in full_error, full_error
+        assert "cannot be resharded exactly" in full_error and "Resume on 2 ranks" in full_error

@@ -239,3 +239,87 @@ def test_cpu_step_in_runs_of_blocks_equals_one_pass_bit_for_bit(monkeypatch, bit
         assert torch.equal(p.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                            q.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
         assert state.keys() == other.keys() and all(torch.equal(state[k], other[k]) for k in state)
+
+
+# --- DTensor parameters (FSDP2) in one process: a 1-rank process group -----------------------------------------------
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _dtensor_params(placements, mesh_shape=(1,)):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = init_device_mesh("cpu", mesh_shape)
+    torch.manual_seed(0)
+    shapes = ((65, 64), (3, 2))
+    params = [torch.nn.Parameter(distribute_tensor(torch.randn(*shape), mesh, placements)) for shape in shapes]
+    for p in params:
+        p.grad = distribute_tensor(torch.randn(p.shape), mesh, placements)
+    return params
+
+
+def test_dim0_sharded_state_goes_out_as_dtensors_and_comes_back_exactly(one_rank):
+    from torch.distributed.tensor import DTensor, Shard
+
+    params = _dtensor_params([Shard(0)])
+    opt = LowBitAdamW(params, lr=1e-2, bits=4)
+    opt.step()
+    sd = opt.state_dict()
+    entry = sd["state"][0]
+    assert isinstance(entry["exp_avg"], DTensor) and entry["exp_avg"].shape == (1, 17 * 128)
+    assert entry["exp_avg"].placements == (Shard(0),) and entry["exp_avg_scale"].shape == (1, 17)
+    assert entry["shard_layout"].tolist() == [1, 65, 64] and not isinstance(entry["shard_layout"], DTensor)
+    assert not any(isinstance(v, DTensor) for v in opt.state[params[0]].values())  # the live state stays plain
+    twin = LowBitAdamW(_dtensor_params([Shard(0)]), lr=1e-2, bits=4)
+    twin.load_state_dict(sd)
+    for p, q in zip(params, twin.param_groups[0]["params"]):
+        for key, value in opt.state[p].items():
+            assert type(twin.state[q][key]) is torch.Tensor and torch.equal(twin.state[q][key], value), key
+
+
+def test_replicated_dtensors_keep_plain_state(one_rank):
+    from torch.distributed.tensor import DTensor, Replicate
+
+    params = _dtensor_params([Replicate()])
+    opt = LowBitLion(params)
+    opt.step()
+    assert not any(isinstance(v, DTensor) for s in opt.state_dict()["state"].values() for v in s.values())
+
+
+@pytest.mark.parametrize("case", ["shard_dim1", "hsdp"])
+def test_other_placements_are_refused_at_the_first_step(one_rank, case):
+    from torch.distributed.tensor import Replicate, Shard
+
+    params = (_dtensor_params([Shard(1)]) if case == "shard_dim1"
+              else _dtensor_params([Replicate(), Shard(0)], mesh_shape=(1, 1)))
+    with pytest.raises(ValueError, match="sharded on dim 0 over a 1-D mesh") as err:
+        LowBitAdamW(params).step()
+    assert "Fix:" in str(err.value)
+
+
+def test_a_sharded_checkpoint_into_an_unsharded_optimizer_or_the_wrong_shape_is_refused(one_rank):
+    from torch.distributed.tensor import Shard
+
+    params = _dtensor_params([Shard(0)])
+    opt = LowBitAdamW(params)
+    opt.step()
+    sd = opt.state_dict()
+    plain = [torch.nn.Parameter(torch.randn(65, 64)), torch.nn.Parameter(torch.randn(3, 2))]
+    with pytest.raises(ValueError, match="saved sharded over 1 ranks .* but not sharded here"):
+        LowBitAdamW(plain).load_state_dict(sd)
+    # Plain state of a 65 x 64 tensor (17 blocks) into a 10 x 64 one (3 blocks of 256 codes).
+    ref = LowBitAdamW(plain)
+    for p in plain:
+        p.grad = torch.randn_like(p)
+    ref.step()
+    small = LowBitAdamW([torch.nn.Parameter(torch.randn(10, 64)), torch.nn.Parameter(torch.randn(3, 2))])
+    with pytest.raises(ValueError, match="needs 768: the checkpoint was written for another parameter shape"):
+        small.load_state_dict(ref.state_dict())

@@ -68,6 +68,20 @@ def empty_state(numel: int, bits: int, block_size: int, moments: int, device) ->
     return state
 
 
+STATE_KEYS = frozenset({"exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale"})
+
+
+def prefix(state: dict[str, torch.Tensor], numel: int, bits: int, block_size: int) -> dict[str, torch.Tensor]:
+    """`state` for a tensor of `numel` elements whose buffers may be sized for more (an FSDP2 shard shorter than the
+    largest): views of the first blocks, written in place. `state` itself where the sizes already match."""
+    blocks = num_blocks(numel, block_size)
+    if state["exp_avg_scale"].numel() == blocks:
+        return state
+    nbytes = blocks * block_size * bits // 8
+    return {k: (v[:blocks] if k.endswith("_scale") else v[:nbytes]) if k in STATE_KEYS else v
+            for k, v in state.items()}
+
+
 def _unpack(codes: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
     """Codes as int32, shape (blocks, block_size)."""
     if bits == 8:

@@ -9,14 +9,13 @@ from lit_optim.spec import CPU, DDP, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
 SPECS: list[OptimizerSpec] = []  # in registry order; lit_optim/specs/all.py collects them
 register = SPECS.append
 
-# FSDP2 is left out until sharded checkpoints of the codes are tested (a shard is quantized like a whole tensor).
-_SUPPORTS = frozenset({CPU, DDP, GRAD_CLIP, GRAD_ACCUM})
-# Stepping DTensor shards works (tests/test_fsdp2_lowbit.py), but a shard is quantized block by block on its own.
-_WHY = {FSDP2: "sharded checkpoints of its low-bit codes are untested, and a shard that splits a block quantizes "
-               "differently from the whole tensor"}
+# FSDP2: each rank steps its shard and keeps codes for it, sized for the largest shard (the same length and kind of
+# codes on every rank); torch.distributed.checkpoint saves each rank's own and a resume on the same number of ranks is
+# exact (tests/test_fsdp2_resume.py). Another number of ranks is refused: the blocks would fall elsewhere.
+_SUPPORTS = frozenset({CPU, DDP, FSDP2, GRAD_CLIP, GRAD_ACCUM})
 _NOTE = ("Every tensor gets low-bit state (the last block padded), whatever its size. CUDA: one fused Triton launch "
          "per step, no compilation per shape; CPU: the same math in plain torch. stochastic_rounding=True rounds "
-         "bf16 parameters stochastically.")
+         "bf16 parameters stochastically. FSDP2: sharded checkpoints resume exactly on the same number of ranks.")
 _CODES = {8: "int8 sqrt-companded first moment, uint8 fourth-root second moment",
           4: "4-bit sqrt-companded first moment, 4-bit fourth-root second moment"}
 
@@ -28,7 +27,7 @@ for prefix, cls, label in (("adamw", "LowBitAdamW", "AdamW"), ("adam", "LowBitAd
             name=f"{prefix}_fused_{bits}bit", backend="lit_optim", target=f"lit_optim.optimizers.lowbit:{cls}",
             bits=bits, fixed={"bits": bits},
             defaults={"block_size": theory.FUSED_DEFAULT_BLOCK[bits], "weight_decay": 0.0},
-            state_bytes=theory.fused_lowbit_states(2, bits), supports=_SUPPORTS, unsupported_why=_WHY,
+            state_bytes=theory.fused_lowbit_states(2, bits), supports=_SUPPORTS,
             notes=_NOTE,
             description=f"lit_optim {label}, fused step: block-wise ({theory.FUSED_DEFAULT_BLOCK[bits]}) "
                         f"{_CODES[bits]}.",
@@ -37,7 +36,7 @@ for bits in (8, 4):
     register(OptimizerSpec(
         name=f"lion_fused_{bits}bit", backend="lit_optim", target="lit_optim.optimizers.lowbit:LowBitLion",
         bits=bits, fixed={"bits": bits}, defaults={"block_size": theory.FUSED_DEFAULT_BLOCK[bits]},
-        state_bytes=theory.fused_lowbit_states(1, bits), supports=_SUPPORTS, unsupported_why=_WHY,
+        state_bytes=theory.fused_lowbit_states(1, bits), supports=_SUPPORTS,
         notes=_NOTE,
         description=f"lit_optim Lion, fused step: one block-wise ({theory.FUSED_DEFAULT_BLOCK[bits]}) {bits}-bit "
                     "sqrt-companded momentum.",
