@@ -135,3 +135,46 @@ def test_fsdp2_fused_lowbit_refuses_another_number_of_ranks(fresh_runs, name):
         # The full state dict gets through DCP's utilities; the optimizer refuses it with the reason and the fix.
         assert "was saved sharded over 2 ranks" in full_error and "sharded over 3 ranks" in full_error, full_error
         assert "cannot be resharded exactly" in full_error and "Resume on 2 ranks" in full_error
+
+
+def test_fsdp2_fused_lowbit_resumes_exactly_through_lightning_model_parallel(tmp_path):
+    """Lightning's ModelParallelStrategy (lit_optim's FSDP2) on one CPU device: its checkpoint is a DCP directory."""
+    import lightning as L
+    from harness import TINY_MODEL, make_data
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lit_optim.task.module import LanguageModelTask
+
+    class ShardedTask(LanguageModelTask):
+        def configure_model(self):
+            from torch.distributed.fsdp import fully_shard
+
+            super().configure_model()
+            fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
+
+    def fit(root, ckpt_path=None):
+        L.seed_everything(0, verbose=False)
+        module = ShardedTask(model=TINY_MODEL, optim={"name": "adamw_fused_4bit", "lr": 1e-2})
+        callbacks = [] if ckpt_path else [ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=3,
+                                                          save_top_k=-1, filename="{step}")]
+        trainer = L.Trainer(max_steps=6, accelerator="cpu", devices=1, strategy=ModelParallelStrategy(), logger=False,
+                            enable_checkpointing=not ckpt_path, enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
+                            default_root_dir=str(root))
+        trainer.fit(module, make_data(), ckpt_path=ckpt_path)
+        return module, trainer.optimizers[0]
+
+    try:
+        straight, o1 = fit(tmp_path / "a")
+        ckpt = tmp_path / "ckpt" / "step=3.ckpt"
+        assert ckpt.is_dir()  # a sharded (DCP) checkpoint
+        resumed, o2 = fit(tmp_path / "b", str(ckpt))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert type(next(straight.parameters())).__name__ == "DTensor"
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p.to_local(), q.to_local())
+        assert o1.state[p].keys() == o2.state[q].keys()
+        assert all(torch.equal(o1.state[p][k], o2.state[q][k]) for k in o1.state[p])
