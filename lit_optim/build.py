@@ -25,6 +25,7 @@ from lit_optim.builders.construct import (
 )
 from lit_optim.builders.in_backward import build_in_backward, check_in_backward_options, in_backward_spec
 from lit_optim.builders.offload import build_offloaded, check_offload_options
+from lit_optim.builders.torchao_shards import decide_globally
 from lit_optim.builders.values import check_quantized, check_rank, check_values
 from lit_optim.compile_cache import prepare_for as prepare_compile_cache
 from lit_optim.errors import HyperparameterError
@@ -215,6 +216,8 @@ def build_optimizer(
         built_spec = in_backward_spec(spec)
     else:
         optimizer = construct(spec, plan.groups, ctor_kwargs, context)  # checked against the name's claims
+        if spec.backend == "torchao":  # FSDP2: one precision per parameter on every rank (pytorch/ao#4912)
+            decide_globally(optimizer)
     check_rank(spec, optimizer, user_keys=chosen)
     info = BuildInfo(spec.name, built_spec, {**kwargs, "weight_decay": wd}, plan,
                      embedding_32bit_params=_kept_32bit(optimizer, fp32))

@@ -178,3 +178,38 @@ def test_fsdp2_fused_lowbit_resumes_exactly_through_lightning_model_parallel(tmp
         assert torch.equal(p.to_local(), q.to_local())
         assert o1.state[p].keys() == o2.state[q].keys()
         assert all(torch.equal(o1.state[p][k], o2.state[q][k]) for k in o1.state[p])
+
+
+TORCHAO = ["adamw_torch_8bit", "adamw_torch_4bit"]
+TORCHAO_SCRIPT = Path(__file__).resolve().parent / "fsdp2_torchao.py"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCHAO)
+def test_fsdp2_torchao_lowbit_decides_precision_per_parameter_and_resumes_exactly(tmp_path, name):
+    """torchao under FSDP2, built through lit_optim (which decides low-bit vs fp32 from the whole parameter): every
+    rank keeps the same kind of state for a parameter, and a DCP resume in new processes is exact. One name per
+    process group: torchao compiles its step on DTensors, and torch's compile caches key those by the global shape,
+    so an 8-bit graph can be handed to the 4-bit step of a same-shaped parameter (and one rank's graph to another's
+    differently sized shard: tests/fsdp2_torchao.py gives each rank its own cache)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    for mode in ("straight", "resume"):
+        proc = subprocess.run([sys.executable, str(TORCHAO_SCRIPT), mode, str(tmp_path), name], capture_output=True,
+                              text=True, timeout=600, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    subclass = {"adamw_torch_8bit": "OptimState8bit", "adamw_torch_4bit": "OptimState4bit"}[name]
+    types = []
+    for rank in range(2):
+        for when in (".mid", ""):
+            a, b = _load(tmp_path, name, "straight", rank, when), _load(tmp_path, name, "resume", rank, when)
+            assert a["types"] == b["types"]
+            assert _differ(a["params"], b["params"]) == [], (rank, when)
+            assert _differ(a["state"], b["state"]) == [], (rank, when)
+        types.append(a["types"])
+        mid = _load(tmp_path, name, "straight", rank, ".mid")
+        assert all(not torch.equal(v, mid["params"][k]) for k, v in a["params"].items())
+    assert types[0] == types[1]  # the same precision for each parameter on both ranks
+    # (256, 128) and (128, 256): 16384 elements a rank, whole blocks: low-bit. (129, 128): 65 + 64 rows; torchao's own
+    # choice would be fp32 on rank 0 (8320 elements, not whole blocks) and low-bit on rank 1 (8192).
+    assert types[0]["0.weight.exp_avg_sq"] == types[0]["2.weight.exp_avg_sq"] == subclass
+    assert types[0]["4.weight.exp_avg_sq"] == "Tensor"

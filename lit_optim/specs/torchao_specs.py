@@ -11,8 +11,13 @@ register = SPECS.append
 _GPU_ONLY = frozenset({DDP, GRAD_CLIP, GRAD_ACCUM})
 _NO_FSDP = frozenset({CPU, DDP, GRAD_CLIP, GRAD_ACCUM})
 # torchao picks low-bit or fp32 state per tensor it sees; under FSDP2 that is each rank's shard (pytorch/ao#4912).
-_WHY = {FSDP2: "torchao decides low-bit or fp32 state per local shard (pytorch/ao#4912), so a parameter's precision "
-               "would depend on how FSDP splits it and differ from rank to rank; use DDP, or adamw_torch under FSDP2"}
+# lit_optim replaces that choice with one per parameter (lit_optim/builders/torchao_shards.py), and the state then
+# resumes exactly from torch.distributed.checkpoint (tests/test_fsdp2_resume.py, slow). What still refuses FSDP2:
+# torchao compiles its step on DTensors, torch's compile caches key those by their global shape, and a rank was handed
+# a kernel compiled for another rank's shard (or for the 8-bit step of a same-shaped parameter) and stopped.
+_WHY = {FSDP2: "torchao compiles its step on DTensors and torch's compile caches key them by global shape, so a rank "
+               "can be handed a kernel compiled for a differently sized shard and stop (one precision per parameter "
+               "and exact DCP resume are in place); use DDP, or adamw_torch or adamw_fused_8bit under FSDP2"}
 _NOTE = "Only tensors with >= 4096 elements divisible by block_size get low-bit state; the rest keep fp32."
 
 # adamw_torch_8bit/4bit are Hugging Face names: HF's Trainer passes weight_decay 0.0 (TrainingArguments' default, not
