@@ -150,8 +150,9 @@ def test_step_timing_monitor_times_the_host_step(tmp_path):
 # --- through Lightning ----------------------------------------------------------------------------------------------
 
 
-def test_resume_through_lightning_is_exact_and_matches_plain(tmp_path):
-    optim = {"name": "adamw_torch", "lr": 3e-3, "weight_decay": 0.1, "offload": "cpu"}
+@pytest.mark.parametrize("name", ["adamw_torch", "adamw_8bit", "adamw_fused_8bit"])  # fp32 and two low-bit steps
+def test_resume_through_lightning_is_exact_and_matches_plain(tmp_path, name):
+    optim = {"name": name, "lr": 3e-3, "weight_decay": 0.1, "offload": "cpu"}
     params_equal, state_equal, losses = resume_matches(optim, tmp_path, steps=8, scheduler=SCHEDULE)
     assert params_equal and state_equal
     _, _, plain_losses = run_task({**optim, "offload": None}, 8, scheduler=SCHEDULE)
