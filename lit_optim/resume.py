@@ -179,6 +179,8 @@ def read_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> dict[str
             "checkpoint file, or resume=<run dir> to continue a run from its last checkpoint."
         )
     if p.is_dir():
+        if is_sharded_checkpoint(p):
+            return {}  # torch.distributed.checkpoint's directory (FSDP2): the strategy loads it; see check_ranks
         raise MissingPathError(f"{key}={path} is a directory. Give a checkpoint file in it (e.g. {p / 'last.ckpt'}), "
                                "or resume=<run dir> to continue that run from its last checkpoint.")
     try:
@@ -191,6 +193,33 @@ def read_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> dict[str
             f"{key}={path} is not a loadable checkpoint ({reason[:200]}): it is truncated (a run killed while "
             "writing it) or not a torch checkpoint. Use another checkpoint of the run, e.g. an earlier step's."
         ) from None
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A torch.distributed.checkpoint directory, as Lightning's ModelParallelStrategy (FSDP2) saves."""
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def check_ranks(path: str | os.PathLike, world_size: int, key: str = "ckpt_path") -> None:
+    """Refuse, before the strategy loads it, a sharded checkpoint whose lit_optim low-bit state was written by
+    another number of ranks: its codes are quantized block by block within each rank's shard (see
+    lit_optim.optimizers.lowbit), so they cannot be resharded; torch.distributed.checkpoint would stop deep in the
+    load with a size mismatch."""
+    p = Path(os.path.expanduser(str(path)))
+    if not is_sharded_checkpoint(p):
+        return
+    from torch.distributed.checkpoint import FileSystemReader
+
+    for name, meta in FileSystemReader(str(p)).read_metadata().state_dict_metadata.items():
+        size = getattr(meta, "size", None)
+        # The fused optimizers save every code and scale buffer as a (ranks, length) DTensor, one row a rank.
+        if name.endswith("exp_avg_scale") and size is not None and len(size) == 2 and size[0] != world_size:
+            raise IncompatibleConfigError(
+                f"{key}={path} holds lit_optim low-bit optimizer state sharded over {size[0]} ranks (FSDP2), but "
+                f"this run has {world_size}: the codes were quantized block by block within each rank's shard and "
+                f"cannot be resharded exactly. Resume on {size[0]} ranks (trainer.devices x trainer.num_nodes), or "
+                "start a new run from the weights alone."
+            )
 
 
 def _load(path: Path) -> dict[str, Any]:

@@ -98,6 +98,10 @@ def build_run(cfg: DictConfig):
         # nothing until the end when the output is not a terminal; the tqdm bar shows the loss live either way.
         callbacks.append(L.pytorch.callbacks.TQDMProgressBar())
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    if cfg.get("ckpt_path"):
+        from lit_optim import resume
+
+        resume.check_ranks(cfg.ckpt_path, trainer.world_size)
     if logger:
         trainer.logger.log_hyperparams({"config": _container(cfg)})
     return module, datamodule, trainer

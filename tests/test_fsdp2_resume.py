@@ -169,6 +169,14 @@ def test_fsdp2_fused_lowbit_resumes_exactly_through_lightning_model_parallel(tmp
         straight, o1 = fit(tmp_path / "a")
         ckpt = tmp_path / "ckpt" / "step=3.ckpt"
         assert ckpt.is_dir()  # a sharded (DCP) checkpoint
+        # `lit-optim train ckpt_path=<dir>` accepts it, and refuses it before loading on another number of ranks.
+        from lit_optim import resume
+        from lit_optim.errors import IncompatibleConfigError
+
+        assert resume.read_checkpoint(ckpt) == {}
+        resume.check_ranks(ckpt, 1)
+        with pytest.raises(IncompatibleConfigError, match="sharded over 1 ranks .* this run has 2"):
+            resume.check_ranks(ckpt, 2)
         resumed, o2 = fit(tmp_path / "b", str(ckpt))
     finally:
         if torch.distributed.is_initialized():
