@@ -51,7 +51,10 @@ def main(root: Path, name: str, mode: str) -> None:
     module = ShardedTask(model=MODEL, optim={"name": name, "lr": 1e-2, "weight_decay": 0.1})
     callbacks = [] if resume else [ModelCheckpoint(dirpath=str(ckpt), every_n_train_steps=K, save_top_k=-1,
                                                    filename="{step}")]
-    trainer = L.Trainer(max_steps=2 * K, accelerator="cpu", devices=2, strategy=ModelParallelStrategy(), logger=False,
+    # Lightning's defaults would make the 2 devices a tensor-parallel mesh (data_parallel_size = number of nodes):
+    # FSDP2 over a 1-rank mesh, whole parameters on each rank. Both devices shard here.
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    trainer = L.Trainer(max_steps=2 * K, accelerator="cpu", devices=2, strategy=strategy, logger=False,
                         enable_checkpointing=not resume, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
                         default_root_dir=str(root / name / mode))
