@@ -22,6 +22,8 @@ _DDP_TEST = "tests/test_lowrank_ddp.py::test_every_ddp_family_keeps_ranks_identi
 _FSDP_TEST = "tests/test_fsdp2_lowbit.py::test_fsdp2_steps_sharded_parameters_like_one_process"
 _FSDP_RESUME_TEST = "tests/test_fsdp2_resume.py::test_fsdp2_adamw_torch_resumes_exactly_from_sharded_checkpoint"
 _FSDP_FUSED_RESUME_TEST = "tests/test_fsdp2_resume.py::test_fsdp2_fused_lowbit_resumes_exactly_from_sharded_checkpoint"
+_FSDP_TORCHAO_TEST = ("tests/test_fsdp2_resume.py::"
+                      "test_fsdp2_torchao_lowbit_resumes_exactly_through_lightning_on_two_ranks")
 REFUSAL_TEST = "tests/test_support_matrix.py::test_refused_cell_stops_before_step_1"
 NOT_ON_CPU = "untested: its step needs CUDA and no multi-GPU machine has run it yet"
 
@@ -72,6 +74,9 @@ TESTED_BY = {
     ("torch AdamW", "FSDP2"): _FSDP_RESUME_TEST + " (exact resume from a torch.distributed.checkpoint save;"
                               " stepping against one process: `" + _FSDP_TEST + "`)",
     ("torchao 8-bit/4-bit", "DDP"): _DDP_TEST,
+    ("torchao 8-bit/4-bit", "FSDP2"): _FSDP_TORCHAO_TEST + " (exact resume through Lightning's"
+                                      " ModelParallelStrategy on 2 CPU ranks sharing one compile cache, with weights"
+                                      " whose rows split unevenly)",
     ("torchao FP8", "DDP"): NOT_ON_CPU,
     ("bitsandbytes 8-bit, 32-bit and paged", "DDP"): _DDP_TEST,
     ("GaLore/APOLLO/Adam-mini", "DDP"): _DDP_TEST,

@@ -4,11 +4,14 @@
     python tests/fsdp2_torchao.py straight DIR name [name ...]  # K steps, dcp.save to DIR/name/ckpt, K more steps
     python tests/fsdp2_torchao.py resume   DIR name [name ...]  # new processes: dcp.load, the same K steps
 
-The (129, 128) weight splits 65 + 32 rows: torchao's own choice per shard would give rank 0 fp32 state and rank 1
+The (129, 128) weight splits 65 + 64 rows: torchao's own choice per shard would give rank 0 fp32 state and rank 1
 low-bit (pytorch/ao#4912); lit_optim decides from the whole parameter. Each rank saves its parameter shards, state
 (codes and scales of the low-bit subclasses, plain tensors otherwise) and state types, as tests/fsdp2_resume.py does.
-Each rank compiles into its own inductor cache: torchao compiles its step on DTensors, and a shared cache hands a rank
-the kernel another rank compiled for its (differently sized) shard.
+
+Both ranks are given ONE compile cache directory, as on a real machine (torchao compiles its step on DTensors, and
+torch's AOTAutograd cache keys those by their global shape): FSDP2_TORCHAO_CACHE=lit_optim (the default) points
+lit_optim's persistent cache (LIT_OPTIM_COMPILE_CACHE) at DIR/compile_cache, which lit_optim splits per rank;
+FSDP2_TORCHAO_CACHE=user sets TORCHINDUCTOR_CACHE_DIR=DIR/inductor_shared, a user's choice lit_optim never changes.
 """
 
 from __future__ import annotations
@@ -94,7 +97,11 @@ def worker(rank: int, mode: str, root: str, names: list[str]) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     warnings.filterwarnings("ignore")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(root) / f"inductor_rank{rank}")
+    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    if os.environ.get("FSDP2_TORCHAO_CACHE", "lit_optim") == "user":
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(root) / "inductor_shared")
+    else:
+        os.environ["LIT_OPTIM_COMPILE_CACHE"] = str(Path(root) / "compile_cache")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("FSDP2_TEST_PORT", "29551"))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:

@@ -90,6 +90,33 @@ def test_unwritable_location_falls_back_to_torch_default(clean_env, monkeypatch,
     assert "not writable" in caplog.text
 
 
+def test_each_rank_of_a_distributed_run_gets_its_own_subdirectory(clean_env, monkeypatch):
+    # torchao compiles its step on FSDP2's DTensors, and the AOTAutograd cache keys those by their global shape:
+    # ranks sharing a directory loaded graphs compiled for another rank's shard size.
+    base = clean_env / "xdg" / "lit_optim" / "inductor"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert compile_cache.configure_compile_cache() == str(base.resolve())  # one process: unchanged
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # a launcher's rank (or an initialized process group) learnt after the first call
+    lit_optim.build_optimizer(_model(), "adamw_torch_8bit", lr=1e-3)
+    expected = base / "rank1-of-2"
+    assert os.environ[compile_cache.INDUCTOR_ENV] == str(expected.resolve())
+    assert stat.S_IMODE(expected.stat().st_mode) & 0o077 == 0
+    assert compile_cache.configure_compile_cache() == str(expected.resolve())  # idempotent
+    monkeypatch.setenv(compile_cache.SWITCH_ENV, str(clean_env / "elsewhere"))  # the base stays as first chosen
+    assert compile_cache.configure_compile_cache() == str(expected.resolve())
+
+
+def test_a_users_cache_dir_is_not_split_per_rank(clean_env, monkeypatch):
+    mine = str(clean_env / "mine")
+    monkeypatch.setenv(compile_cache.INDUCTOR_ENV, mine)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert compile_cache.configure_compile_cache() == mine
+    assert os.environ[compile_cache.INDUCTOR_ENV] == mine
+
+
 def test_wrappers_around_torchao_count_as_compiling():
     assert compile_cache.compiles_step(get_spec("galore_adamw_torch_8bit"))
     assert not compile_cache.compiles_step(get_spec("galore_adamw"))

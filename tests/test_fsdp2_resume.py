@@ -190,22 +190,24 @@ def test_fsdp2_fused_lowbit_resumes_exactly_through_lightning_model_parallel(tmp
 
 TORCHAO = ["adamw_torch_8bit", "adamw_torch_4bit"]
 TORCHAO_SCRIPT = Path(__file__).resolve().parent / "fsdp2_torchao.py"
+TORCHAO_LIGHTNING = Path(__file__).resolve().parent / "fsdp2_torchao_lightning.py"
+SUBCLASS = {"adamw_torch_8bit": "OptimState8bit", "adamw_torch_4bit": "OptimState4bit"}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", TORCHAO)
-def test_fsdp2_torchao_lowbit_decides_precision_per_parameter_and_resumes_exactly(tmp_path, name):
-    """torchao under FSDP2, built through lit_optim (which decides low-bit vs fp32 from the whole parameter): every
-    rank keeps the same kind of state for a parameter, and a DCP resume in new processes is exact. One name per
-    process group: torchao compiles its step on DTensors, and torch's compile caches key those by the global shape,
-    so an 8-bit graph can be handed to the 4-bit step of a same-shaped parameter (and one rank's graph to another's
-    differently sized shard: tests/fsdp2_torchao.py gives each rank its own cache)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+def _torchao_env(**extra: str) -> dict[str, str]:
+    drop = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "TORCHINDUCTOR_CACHE_DIR",
+            "LIT_OPTIM_COMPILE_CACHE")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+
+
+def _torchao_runs(tmp_path, names, cache="lit_optim"):
     for mode in ("straight", "resume"):
-        proc = subprocess.run([sys.executable, str(TORCHAO_SCRIPT), mode, str(tmp_path), name], capture_output=True,
-                              text=True, timeout=600, env=env, cwd=tmp_path)
+        proc = subprocess.run([sys.executable, str(TORCHAO_SCRIPT), mode, str(tmp_path), *names], capture_output=True,
+                              text=True, timeout=600, env=_torchao_env(FSDP2_TORCHAO_CACHE=cache), cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    subclass = {"adamw_torch_8bit": "OptimState8bit", "adamw_torch_4bit": "OptimState4bit"}[name]
+
+
+def _assert_torchao_resumed(tmp_path, name):
     types = []
     for rank in range(2):
         for when in (".mid", ""):
@@ -219,5 +221,60 @@ def test_fsdp2_torchao_lowbit_decides_precision_per_parameter_and_resumes_exactl
     assert types[0] == types[1]  # the same precision for each parameter on both ranks
     # (256, 128) and (128, 256): 16384 elements a rank, whole blocks: low-bit. (129, 128): 65 + 64 rows; torchao's own
     # choice would be fp32 on rank 0 (8320 elements, not whole blocks) and low-bit on rank 1 (8192).
-    assert types[0]["0.weight.exp_avg_sq"] == types[0]["2.weight.exp_avg_sq"] == subclass
+    assert types[0]["0.weight.exp_avg_sq"] == types[0]["2.weight.exp_avg_sq"] == SUBCLASS[name]
     assert types[0]["4.weight.exp_avg_sq"] == "Tensor"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCHAO)
+def test_fsdp2_torchao_lowbit_decides_precision_per_parameter_and_resumes_exactly(tmp_path, name):
+    """torchao under FSDP2, built through lit_optim (which decides low-bit vs fp32 from the whole parameter): every
+    rank keeps the same kind of state for a parameter, and a DCP resume in new processes is exact. Both ranks are
+    given one lit_optim compile cache directory (LIT_OPTIM_COMPILE_CACHE), as on a real machine: torchao compiles its
+    step on DTensors and torch's AOTAutograd cache keys those by their global shape, so before lit_optim split the
+    directory per rank (and kept that cache out of DTensor steps) the resumed rank 1 loaded rank 0's graph for its
+    65-row shard and stopped on an inductor shape assert."""
+    _torchao_runs(tmp_path, [name])
+    _assert_torchao_resumed(tmp_path, name)
+    for rank in range(2):  # one directory per rank and world size under the shared one
+        assert (tmp_path / "compile_cache" / f"rank{rank}-of-2").is_dir()
+
+
+@pytest.mark.slow
+def test_fsdp2_torchao_8bit_and_4bit_in_one_process_with_a_users_shared_cache_dir(tmp_path):
+    """A user's own TORCHINDUCTOR_CACHE_DIR, shared by both ranks (lit_optim never changes it), and two torchao
+    optimizers of different bit widths in one process: the AOTAutograd cache, which cannot tell shards or the state
+    subclass inside a DTensor apart, is kept out of DTensor steps, so neither the other rank's graph nor the 8-bit
+    graph of a same-shaped parameter is loaded for a step."""
+    _torchao_runs(tmp_path, TORCHAO, cache="user")
+    for name in TORCHAO:
+        _assert_torchao_resumed(tmp_path, name)
+
+
+@pytest.mark.slow
+def test_fsdp2_torchao_lowbit_resumes_exactly_through_lightning_on_two_ranks(tmp_path):
+    """Lightning's ModelParallelStrategy (FSDP2 over both devices) on two CPU processes with lit_optim's default
+    compile cache (one directory given to both ranks, split per rank by lit_optim): adamw_torch_4bit trains a TinyLM
+    whose (129, 128) embedding and head split 65 + 64 rows, checkpoints (a DCP directory) at step 3, and a resume in
+    new processes ends bitwise equal to the straight run on each rank."""
+    name = "adamw_torch_4bit"
+    for mode in ("straight", "resume"):
+        proc = subprocess.run([sys.executable, str(TORCHAO_LIGHTNING), str(tmp_path), name, mode], capture_output=True,
+                              text=True, timeout=600, cwd=tmp_path,
+                              env=_torchao_env(LIT_OPTIM_COMPILE_CACHE=str(tmp_path / "compile_cache")))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / name / "ckpt" / "step=3.ckpt").is_dir()
+    types = []
+    for rank in range(2):
+        a = torch.load(tmp_path / name / "straight" / f"rank{rank}.pt", map_location="cpu", weights_only=True)
+        b = torch.load(tmp_path / name / "resume" / f"rank{rank}.pt", map_location="cpu", weights_only=True)
+        assert a["global_step"] == b["global_step"] == 6
+        assert a["cache_dir"] == b["cache_dir"] == str((tmp_path / "compile_cache" / f"rank{rank}-of-2").resolve())
+        assert a["params"]["embed.weight"].shape == ((65, 128), (64, 128))[rank]  # sharded over both ranks
+        assert a["types"] == b["types"]
+        assert _differ(a["params"], b["params"]) == [], rank
+        assert _differ(a["state"], b["state"]) == [], rank
+        types.append(a["types"])
+    assert types[0] == types[1]
+    assert types[0]["embed.weight.exp_avg_sq"] == types[0]["lm_head.weight.exp_avg_sq"] == "Tensor"  # 65 + 64 rows
+    assert types[0]["blocks.0.qkv.weight.exp_avg_sq"] == "OptimState4bit"

@@ -7,6 +7,15 @@ for DTensor parameters sharded on dim 0 over a 1-D mesh, with one every rank com
 the world size: low-bit when the whole parameter has >= 4096 elements and every rank's shard (torch.chunk of dim 0)
 is a non-empty whole number of blocks -- torchao's subclasses can only hold whole blocks -- else fp32 on every rank.
 Plain tensors and other placements keep torchao's own choice.
+
+`decide_globally` also keeps the AOTAutograd cache out of the step when the optimizer holds DTensor parameters:
+torchao `torch.compile`s its step per parameter, and that cache keys a DTensor by its global metadata only
+(DTensor._stable_hash_for_caching: mesh, placements, global shape, stride, dtype) -- not the local shard's shape, nor
+the type of the tensor inside (torchao's 8-bit or 4-bit subclass, or plain fp32). Two ranks sharing a cache directory
+then loaded graphs compiled for each other's shard sizes (an inductor shape assert), and a process stepping two torchao
+optimizers loaded the 8-bit graph for the 4-bit step of a same-shaped parameter. Without that cache AOTAutograd traces
+the DTensor step again in each new process, and the FX graph cache, whose key is the traced graph on the local
+tensors, still turns inductor's compile into a load.
 """
 
 from __future__ import annotations
@@ -59,8 +68,23 @@ def _new_buffer(self, p: torch.Tensor, signed: bool):
     return out.to(p.device)
 
 
+def _step_without_autograd_cache(self, *args, **kwargs):
+    import torch._functorch.config as functorch_config
+
+    with functorch_config.patch(enable_autograd_cache=False):
+        return type(self).step(self, *args, **kwargs)
+
+
+def _holds_dtensors(optimizer: torch.optim.Optimizer) -> bool:
+    return any(hasattr(p, "device_mesh") and hasattr(p, "to_local")
+               for group in optimizer.param_groups for p in group["params"])
+
+
 def decide_globally(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Have a torchao low-bit Adam (`_new_buffer` / `_subclass_zeros`) decide precision per parameter, not per shard."""
+    """Have a torchao low-bit Adam (`_new_buffer` / `_subclass_zeros`) decide precision per parameter, not per shard,
+    and (DTensor parameters) step without the AOTAutograd cache, which cannot tell shards or state types apart."""
     if callable(getattr(optimizer, "_new_buffer", None)) and callable(getattr(optimizer, "_subclass_zeros", None)):
         optimizer._new_buffer = types.MethodType(_new_buffer, optimizer)
+    if _holds_dtensors(optimizer):
+        optimizer.step = types.MethodType(_step_without_autograd_cache, optimizer)
     return optimizer

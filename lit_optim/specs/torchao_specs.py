@@ -9,15 +9,16 @@ SPECS: list[OptimizerSpec] = []  # in registry order; lit_optim/specs/all.py col
 register = SPECS.append
 
 _GPU_ONLY = frozenset({DDP, GRAD_CLIP, GRAD_ACCUM})
-_NO_FSDP = frozenset({CPU, DDP, GRAD_CLIP, GRAD_ACCUM})
-# torchao picks low-bit or fp32 state per tensor it sees; under FSDP2 that is each rank's shard (pytorch/ao#4912).
-# lit_optim replaces that choice with one per parameter (lit_optim/builders/torchao_shards.py), and the state then
-# resumes exactly from torch.distributed.checkpoint (tests/test_fsdp2_resume.py, slow). What still refuses FSDP2:
-# torchao compiles its step on DTensors, torch's compile caches key those by their global shape, and a rank was handed
-# a kernel compiled for another rank's shard (or for the 8-bit step of a same-shaped parameter) and stopped.
-_WHY = {FSDP2: "torchao compiles its step on DTensors and torch's compile caches key them by global shape, so a rank "
-               "can be handed a kernel compiled for a differently sized shard and stop (one precision per parameter "
-               "and exact DCP resume are in place); use DDP, or adamw_torch or adamw_fused_8bit under FSDP2"}
+_ALL = frozenset({CPU, DDP, FSDP2, GRAD_CLIP, GRAD_ACCUM})
+# FSDP2: torchao picks low-bit or fp32 state per tensor it sees, which under FSDP2 is each rank's shard
+# (pytorch/ao#4912); lit_optim replaces that choice with one per parameter, and keeps torch's AOTAutograd cache (which
+# keys a DTensor by its global shape, not its shard or the state type inside) out of the compiled DTensor step
+# (lit_optim/builders/torchao_shards.py), with a compile cache directory per rank (lit_optim/compile_cache.py).
+# 8-bit and 4-bit: exact DCP resume on 2 CPU ranks sharing one cache (tests/test_fsdp2_resume.py, slow). FP8 takes the
+# same path but needs CUDA >= 8.9, and no multi-GPU machine has run it yet: refused until one does.
+_WHY_FP8 = {FSDP2: "FP8 state needs CUDA (compute capability >= 8.9) and its FSDP2 path has not been run on GPUs yet "
+                   "(the 8-bit and 4-bit names resume exactly under FSDP2 on CPU); use DDP, or adamw_torch_8bit or "
+                   "adamw_fused_8bit under FSDP2"}
 _NOTE = "Only tensors with >= 4096 elements divisible by block_size get low-bit state; the rest keep fp32."
 
 # adamw_torch_8bit/4bit are Hugging Face names: HF's Trainer passes weight_decay 0.0 (TrainingArguments' default, not
@@ -27,13 +28,12 @@ for decoupled, prefix, label in ((True, "adamw", "AdamW"), (False, "adam", "Adam
     block4 = 256 if decoupled else 128
     register(OptimizerSpec(
         name=f"{prefix}_torch_8bit", backend="torchao", target=f"torchao.optim:{label}8bit", bits=8,
-        state_bytes=theory.torchao_states(2, 8), notes=_NOTE, defaults=hf, supports=_NO_FSDP, unsupported_why=_WHY,
+        state_bytes=theory.torchao_states(2, 8), notes=_NOTE, defaults=hf, supports=_ALL,
         description=f"torchao {label}8bit: block-wise (256) 8-bit dynamic-tree quantized moments.",
     ))
     register(OptimizerSpec(
         name=f"{prefix}_torch_4bit", backend="torchao", target=f"torchao.optim:{label}4bit", bits=4,
-        state_bytes=theory.torchao_states(2, 4), defaults={**hf, "block_size": block4}, supports=_NO_FSDP,
-        unsupported_why=_WHY,
+        state_bytes=theory.torchao_states(2, 4), defaults={**hf, "block_size": block4}, supports=_ALL,
         notes=_NOTE + (" block_size defaults to 256 as in Hugging Face's Trainer (torchao's own default is 128)."
                        if decoupled else ""),
         description=f"torchao {label}4bit: block-wise ({block4}) 4-bit quantized moments.",
@@ -41,6 +41,6 @@ for decoupled, prefix, label in ((True, "adamw", "AdamW"), (False, "adam", "Adam
     register(OptimizerSpec(
         name=f"{prefix}_fp8", backend="torchao", target=f"torchao.optim:{label}Fp8", bits=8,
         state_bytes=theory.torchao_states(2, "fp8"), requires_cuda=True, min_compute_capability=(8, 9),
-        supports=_GPU_ONLY, unsupported_why=_WHY, aliases=(f"{prefix}_torch_fp8",), notes=_NOTE,
+        supports=_GPU_ONLY, unsupported_why=_WHY_FP8, aliases=(f"{prefix}_torch_fp8",), notes=_NOTE,
         description=f"torchao {label}Fp8: block-wise scaled float8 (e4m3) moments; CUDA compute capability >= 8.9.",
     ))
