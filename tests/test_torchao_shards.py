@@ -22,7 +22,8 @@ def test_one_choice_for_every_rank_from_the_whole_parameter():
 
 def test_dtensor_steps_keep_the_autograd_cache_out(monkeypatch):
     """The AOTAutograd cache keys a DTensor by its global metadata only, not its shard's shape nor the state subclass
-    inside: a torchao optimizer over DTensor parameters steps with that cache off; over plain tensors it is untouched."""
+    inside: a torchao optimizer over DTensor parameters steps with that cache off; over plain tensors it is
+    untouched."""
     import torch
     import torch._functorch.config as functorch_config
     import torch.distributed as dist
