@@ -129,13 +129,19 @@ def resolve_batch_flops(
     module: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any] | None, tokens: int | None,
     warn: Callable[[str], None] | None = None,
 ) -> tuple[int | None, str]:
-    """(FLOPs per batch, how they were obtained: "measured" | "6N" | "unknown")."""
-    try:
-        return measure_batch_flops(module, args, kwargs), "measured"
-    except Exception as err:  # noqa: BLE001 - any failure of the meta run falls back to the estimate
-        if warn is not None:
-            warn(f"FLOPs could not be measured on a meta copy of the model ({type(err).__name__}: {err}); "
-                 "using 6 * params * tokens.")
+    """(FLOPs per batch, how they were obtained: "measured" | "6N" | "unknown").
+
+    A sharded model (FSDP2: DTensor parameters) is not run: its forward gathers parameters from every rank, and the
+    monitors measure on rank 0 alone, which would wait for the others forever. A DTensor's numel is the whole
+    parameter's, so the 6N estimate still counts the full model each rank computes."""
+    sharded = any(hasattr(p, "device_mesh") for p in module.parameters())
+    if not sharded:
+        try:
+            return measure_batch_flops(module, args, kwargs), "measured"
+        except Exception as err:  # noqa: BLE001 - any failure of the meta run falls back to the estimate
+            if warn is not None:
+                warn(f"FLOPs could not be measured on a meta copy of the model ({type(err).__name__}: {err}); "
+                     "using 6 * params * tokens.")
     if tokens:
         n = sum(p.numel() for p in {id(p): p for p in module.parameters() if p.requires_grad}.values())
         return six_n_flops(n, tokens), "6N"

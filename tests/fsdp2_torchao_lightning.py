@@ -34,15 +34,7 @@ def main(root: Path, name: str, mode: str) -> None:
 
     from lit_optim.task.module import LanguageModelTask
 
-    class ShardedTask(LanguageModelTask):
-        def configure_model(self):
-            from torch.distributed.fsdp import fully_shard
-
-            super().configure_model()
-            mesh = self.device_mesh["data_parallel"]
-            for block in self.model.blocks:
-                fully_shard(block, mesh=mesh)
-            fully_shard(self.model, mesh=mesh)
+    ShardedTask = LanguageModelTask  # shards each block, then the model, in configure_model (lit_optim.task.fsdp2)
 
     warnings.filterwarnings("ignore")
     L.seed_everything(0, verbose=False)

@@ -206,3 +206,12 @@ def python_without(hidden: tuple[str, ...], code: str, tmp_path: Path, timeout: 
     prelude = f"import sys; sys.path[:0] = {path!r}\n"
     return subprocess.run([sys.executable, "-S", "-E", "-c", prelude + code], capture_output=True, text=True,
                           timeout=timeout, cwd=str(tmp_path))
+
+
+def free_port() -> str:
+    """A TCP port free right now, for a process group's rendezvous: fixed ports collide with other jobs' groups."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

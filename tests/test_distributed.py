@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from harness import _flatten_state  # noqa: F401  (kept for symmetry with single-device tests)
 
@@ -71,3 +72,57 @@ def test_ddp_with_offload_matches_ddp_without(tmp_path):
         assert m.last("optim_state/max_rank/bytes") == one
         assert m.last(f"optim_state/all_ranks/{where}") == 2 * m.last(f"optim_state/{where}")
         assert m.last("optim_state/all_ranks/trainable_params") == 2 * m.last("optim_state/trainable_params")
+
+
+@pytest.mark.slow
+def test_fsdp2_through_the_cli_shards_and_resumes_exactly_from_a_sharded_checkpoint(tmp_path):
+    """`trainer=fsdp2`: the built-in task shards itself over both ranks, checkpoints are DCP directories, and
+    `ckpt_path=<directory>` resumes to exactly the straight run's weights and fused 8-bit codes."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from lit_optim.run_metrics import RunMetrics
+
+    args = [a for a in ARGS if not a.startswith("trainer.strategy=")]
+    fsdp2 = ["trainer=fsdp2", "trainer.precision=32-true", "optim=adamw_fused_8bit"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def train(run_dir, *extra):
+        cmd = [sys.executable, "-m", "lit_optim.cli", "train", f"hydra.run.dir={run_dir}", *fsdp2, *args, *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=run_dir.parent)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    train(straight)
+    mid = straight / "checkpoints" / "epoch=0-step=4.ckpt"
+    assert mid.is_dir() and (mid / ".metadata").is_file(), list((straight / "checkpoints").iterdir())
+    train(resumed, f"ckpt_path='{mid}'")
+    flat = {}
+    for run in (straight, resumed):
+        dcp_to_torch_save(run / "checkpoints" / "last.ckpt", tmp_path / f"{run.name}.pt")
+        flat[run.name] = torch.load(tmp_path / f"{run.name}.pt", weights_only=False)
+    a, b = flat["straight"], flat["resumed"]
+    # Lightning keeps the loop state (global step ...) beside the shards, in meta.pt.
+    meta = [torch.load(run / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=False)
+            for run in (straight, resumed)]
+    assert meta[0]["global_step"] == meta[1]["global_step"] == 8
+    assert a["state_dict"].keys() == b["state_dict"].keys() and a["state_dict"]
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    codes = [k for k in _walk(a) if k.endswith("exp_avg") or k.endswith("exp_avg_sq")]
+    assert codes, sorted(_walk(a))[:20]
+    for key in codes:
+        assert torch.equal(_walk(a)[key], _walk(b)[key]), key
+    # Sharded over both ranks: each holds half the codes; the monitor's total over ranks is twice rank 0's.
+    m = RunMetrics.find(straight)
+    assert m.last("optim_state/ranks") == 2
+    assert m.last("optim_state/all_ranks/trainable_params") > m.last("optim_state/trainable_params")
+
+
+def _walk(tree, prefix=""):
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_walk(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(tree, torch.Tensor):
+        out[prefix] = tree
+    return out

@@ -281,14 +281,9 @@ def test_ddp_refused_before_step_1(tmp_path, no_process_group):
                       strategy="ddp")
 
 
-class ShardedTask(LanguageModelTask):
-    """The built-in task under FSDP2 (Lightning's ModelParallelStrategy), which also runs on CPU."""
-
-    def configure_model(self):
-        from torch.distributed.fsdp import fully_shard
-
-        super().configure_model()  # the model is built here, on the device, then sharded: the FSDP2 pattern
-        fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
+# The built-in task under FSDP2 (Lightning's ModelParallelStrategy, which also runs on CPU): configure_model builds
+# the model on the device and shards it (lit_optim.task.fsdp2).
+ShardedTask = LanguageModelTask
 
 
 def test_fsdp_refused_for_bitsandbytes_before_step_1(tmp_path, no_process_group):

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from harness import free_port
+
 NAMES = ["adamw_torch", "adamw_fused_8bit", "adamw_fused_4bit"]
 
 
@@ -23,6 +25,7 @@ def test_fsdp2_steps_sharded_parameters_like_one_process(tmp_path):
     out = tmp_path / "fsdp2.json"
     script = Path(__file__).resolve().parent / "fsdp2_consistency.py"
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    env["FSDP2_TEST_PORT"] = free_port()
     proc = subprocess.run([sys.executable, str(script), str(out), *NAMES], capture_output=True, text=True,
                           timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

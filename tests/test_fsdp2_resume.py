@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import free_port
 
 SCRIPT = Path(__file__).resolve().parent / "fsdp2_resume.py"
 TORCH = ["adamw_torch", "adamw_torch_fused"]
@@ -32,6 +33,7 @@ BITS = {"adamw_fused_8bit": 8, "adamw_fused_4bit": 4, "lion_fused_8bit": 8}
 
 def _spawn(root: Path, modes: str, names: list[str]) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    env["FSDP2_TEST_PORT"] = free_port()
     proc = subprocess.run([sys.executable, str(SCRIPT), modes, str(root), *names], capture_output=True, text=True,
                           timeout=300, env=env, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -146,12 +148,7 @@ def test_fsdp2_fused_lowbit_resumes_exactly_through_lightning_model_parallel(tmp
 
     from lit_optim.task.module import LanguageModelTask
 
-    class ShardedTask(LanguageModelTask):
-        def configure_model(self):
-            from torch.distributed.fsdp import fully_shard
-
-            super().configure_model()
-            fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
+    ShardedTask = LanguageModelTask  # shards itself in configure_model under ModelParallelStrategy
 
     def fit(root, ckpt_path=None):
         L.seed_everything(0, verbose=False)
@@ -197,7 +194,7 @@ SUBCLASS = {"adamw_torch_8bit": "OptimState8bit", "adamw_torch_4bit": "OptimStat
 def _torchao_env(**extra: str) -> dict[str, str]:
     drop = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "TORCHINDUCTOR_CACHE_DIR",
             "LIT_OPTIM_COMPILE_CACHE")
-    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "FSDP2_TEST_PORT": free_port(), **extra}
 
 
 def _torchao_runs(tmp_path, names, cache="lit_optim"):

@@ -22,12 +22,7 @@ CELLS = support_matrix.cells()
 REFUSED = [(f, kind, row[kind]) for f, row in CELLS for kind in support_matrix.STRATEGIES if row[kind] is not None]
 
 
-class ShardedTask(LanguageModelTask):
-    def configure_model(self):
-        from torch.distributed.fsdp import fully_shard
-
-        super().configure_model()
-        fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
+ShardedTask = LanguageModelTask  # shards itself in configure_model under ModelParallelStrategy (FSDP2)
 
 
 @pytest.fixture

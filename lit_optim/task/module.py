@@ -2,13 +2,9 @@
 
 The model is built in `configure_model`, not in ``__init__``: Lightning calls that hook inside its strategy's device
 and precision contexts, so the weights are created directly on the GPU in the training dtype (an 8B Llama in seconds,
-with no host copy), each DDP rank builds its own, and a subclass can shard the model there for FSDP2
-(``ModelParallelStrategy`` requires ``fully_shard`` inside this hook)::
-
-    class ShardedTask(LanguageModelTask):
-        def configure_model(self):
-            super().configure_model()
-            fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
+with no host copy), and each DDP rank builds its own. Under Lightning's ``ModelParallelStrategy`` (FSDP2, which
+requires ``fully_shard`` inside this hook) the model is sharded right after it is built: each decoder layer, then the
+whole (`lit_optim.task.fsdp2`; ``trainer=fsdp2`` selects a strategy in which every rank shards).
 
 The config is checked in ``__init__`` (arch, arguments, weights directory), so a mistake is still reported before the
 Trainer starts. Outside a Trainer, call ``module.configure_model()`` to build the model on the default device.
@@ -72,6 +68,12 @@ class LanguageModelTask(OptimizerMixin, L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:  # Lightning calls the hook again for every fit/validate/test, and on load
             self.model = build_model(self.model_config)
+            from lightning.pytorch.strategies import ModelParallelStrategy
+
+            if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
+                from lit_optim.task.fsdp2 import shard_model
+
+                shard_model(self.model, self.device_mesh)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         out = self.model(tokens)
