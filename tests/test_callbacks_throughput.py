@@ -46,7 +46,9 @@ def test_rates_flops_and_mfu(tmp_path):
     start = {3: 0, 7: 3, 11: 7}
     for step, rate in samples:
         n = step - start[step]
-        assert rate == pytest.approx(BATCH * n / (clock.t[step] - clock.t[start[step]]), rel=0.05)
+        # The monitor and the clock read the time in different hooks of the same step; on a busy 2-core machine the
+        # gap between them has reached 9% of these short intervals, so the tolerance catches a wrong count, not noise.
+        assert rate == pytest.approx(BATCH * n / (clock.t[step] - clock.t[start[step]]), rel=0.2)
     by_step = {int(r["step"]): r for r in rows if "throughput/samples_per_sec" in r}
     per_sample = flops_per_sample()
     for step, r in by_step.items():

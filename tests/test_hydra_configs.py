@@ -205,7 +205,11 @@ def test_trainer_options(option, tmp_path):
         trainer = instantiate(cfg.trainer, logger=False)
     assert isinstance(trainer, L.Trainer)
     assert trainer.max_steps == cfg.trainer.max_steps
-    strategy = {"ddp": "DDPStrategy"}.get(str(cfg.trainer.strategy), "SingleDeviceStrategy")
+    chosen = cfg.trainer.strategy
+    if OmegaConf.is_dict(chosen):  # a strategy object (trainer=fsdp2): that class, whatever the device count
+        strategy = chosen._target_.rsplit(".", 1)[-1]
+    else:
+        strategy = {"ddp": "DDPStrategy"}.get(str(chosen), "SingleDeviceStrategy")
     assert type(trainer.strategy).__name__ == strategy
 
 
