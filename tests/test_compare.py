@@ -25,7 +25,8 @@ from lit_optim.run_metrics import RunMetrics, failure_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["trainer.accelerator=cpu", "trainer.max_steps=3", "data.train_tokens=4096", "data.seq_len=32",
-         "trainer.log_every_n_steps=1", "validate=false", "callbacks.step_timing.warmup_steps=1"]
+         "trainer.log_every_n_steps=1", "data.val_tokens=1024", "trainer.val_check_interval=3",
+         "callbacks.step_timing.warmup_steps=1"]
 OPTIMS = ["adamw_torch", "adafactor", "lomo"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -86,6 +87,7 @@ def test_table_numbers_are_the_runs_own_logged_metrics(compared):
         m, row = logged(out / "runs" / name), rows[name]
         expected = {
             "final_train_loss": m["train/loss"][-1], "min_train_loss": min(m["train/loss"]),
+            "final_val_loss": m["val/loss"][-1],
             "tokens_per_s": m["throughput/tokens_per_sec"][-1],
             "optimizer_step_ms": m["timing/optimizer_step_ms"][-1],
             "optimizer_step_share": m["timing/optimizer_step_share"][-1],
@@ -101,8 +103,8 @@ def test_table_numbers_are_the_runs_own_logged_metrics(compared):
         assert row["exit_code"] == "0" and row["reason"] == "" and row["fits_budget"] == "n/a"
         line = next(line for line in md.splitlines() if line.startswith(f"| `{name}` |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[1:5] == ["ok", f"{expected['final_train_loss']:.4g}", f"{expected['min_train_loss']:.4g}",
-                              f"{expected['tokens_per_s']:,.0f}"]
+        assert cells[1:6] == ["ok", f"{expected['final_train_loss']:.4g}", f"{expected['min_train_loss']:.4g}",
+                              f"{expected['final_val_loss']:.4g}", f"{expected['tokens_per_s']:,.0f}"]
         assert cells[-2:] == [f"{expected['state_bytes_per_param']:.3g}", "n/a"]
     assert float(rows["adamw_torch"]["state_bytes_per_param"]) == pytest.approx(8.0, abs=0.01)
     assert "| fits 1 GiB |" in md.splitlines()[0]
@@ -115,7 +117,8 @@ def test_a_refused_run_is_a_row_with_its_reason(compared):
     last = [line for line in output.splitlines() if line.startswith("lit-optim:")][-1]
     assert row["exit_code"] == "2" and row["reason"] == last
     assert "steps in backward" in last and "gradient_clip_val" in last
-    assert all(row[k] == "" for k in ("final_train_loss", "tokens_per_s", "state_bytes_per_param", "fits_budget"))
+    empty = ("final_train_loss", "final_val_loss", "tokens_per_s", "state_bytes_per_param", "fits_budget")
+    assert all(row[k] == "" for k in empty)
     md = (out / "comparison.md").read_text()
     assert "| `lomo` | failed (exit 2): Optimizer 'lomo' steps in backward" in md
     assert f"- `lomo` (exit 2): {last}" in md  # the whole line under the table

@@ -2,7 +2,8 @@
 
 Which logged value each column takes (the monitors log per logging interval):
 
-- final / min loss: the last and the lowest ``train/loss``;
+- final / min loss: the last and the lowest ``train/loss``; val loss: the last ``val/loss`` (the end-of-fit
+  validation, what an accuracy comparison reads; empty when the run does not validate);
 - tokens/s, optimizer-step ms and its share of the training step: the last interval's ``throughput/tokens_per_sec``,
   ``timing/optimizer_step_ms``, ``timing/optimizer_step_share`` (after the warm-up steps: the steady state);
 - first step s: ``timing/warmup/first_optimizer_step_ms`` / 1000 (torchao compiles here);
@@ -47,6 +48,7 @@ class Row:
     seconds: float | None = None
     final_loss: float | None = None
     min_loss: float | None = None
+    val_loss: float | None = None
     tokens_per_s: float | None = None
     opt_step_ms: float | None = None
     opt_step_share: float | None = None
@@ -117,7 +119,7 @@ def read_row(optimizer: str, run_dir: str | Path, exit_code: int, reason: str | 
     parts, total_on = memory_parts(m)
     return Row(
         optimizer=optimizer, run_dir=Path(run_dir), exit_code=exit_code, reason=reason, seconds=seconds,
-        final_loss=m.last("train/loss"), min_loss=m.min("train/loss"),
+        final_loss=m.last("train/loss"), min_loss=m.min("train/loss"), val_loss=m.last("val/loss"),
         tokens_per_s=m.last("throughput/tokens_per_sec"),
         opt_step_ms=m.last("timing/optimizer_step_ms"), opt_step_share=m.last("timing/optimizer_step_share"),
         first_step_s=_div(first_ms, 1000.0), launch_to_step1_s=m.last("timing/launch_to_first_step_s"),

@@ -134,6 +134,7 @@ def _done_line(row: Row) -> str:
     if not row.ok:
         return f"failed in {row.seconds:.0f} s (exit {row.exit_code}): {row.reason}"
     facts = [f"final loss {row.final_loss:.4g}" if row.final_loss is not None else None,
+             f"val loss {row.val_loss:.4g}" if row.val_loss is not None else None,
              f"{row.tokens_per_s:,.0f} tokens/s" if row.tokens_per_s is not None else None]
     return f"ok in {row.seconds:.0f} s" + (f": {', '.join(f for f in facts if f)}" if any(facts) else "")
 

@@ -19,6 +19,7 @@ def _f(spec: str) -> Callable[[float | None], str]:
 COLUMNS: list[tuple[str, str, str, Callable[[float | None], str]]] = [
     ("final loss", "final_train_loss", "final_loss", _f("{:.4g}")),
     ("min loss", "min_train_loss", "min_loss", _f("{:.4g}")),
+    ("val loss", "final_val_loss", "val_loss", _f("{:.4g}")),
     ("tokens/s", "tokens_per_s", "tokens_per_s", _f("{:,.0f}")),
     ("opt step ms", "optimizer_step_ms", "opt_step_ms", _f("{:.2f}")),
     ("opt step share", "optimizer_step_share", "opt_step_share", _f("{:.1%}")),
