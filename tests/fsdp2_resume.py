@@ -13,7 +13,8 @@ The model has a weight whose 65 rows do not split evenly over 2 ranks (33 + 32),
 one-element gain that leaves rank 1 an empty shard. Each rank saves its local parameter shards, optimizer state
 (plain tensors, `torch.save`) and the state monitor's byte count at the checkpoint (DIR/name/MODE/rank{r}.mid.pt:
 after the save, or after the load) and at the end (DIR/name/MODE/rank{r}.pt), for the test to compare bit for bit;
-an error goes to DIR/name/MODE/rank{r}.err.
+an error goes to DIR/name/MODE/rank{r}.err. The straight run also `torch.save`s `optimizer.state_dict()` itself at
+the checkpoint (DIR/name/straight/rank{r}.optim_state_dict.pt).
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def run(rank: int, mesh, mode: str, root: Path, name: str) -> None:
         opt = lit_optim.build_optimizer(net, name, lr=1e-2, weight_decay=0.1)
         if mode == "straight":
             train(net, opt, range(K), rank)
+            # The optimizer's own state_dict, as a plain torch.save of it holds it (DTensor state for the fused names)
+            torch.save(opt.state_dict(), out / f"rank{rank}.optim_state_dict.pt")
             msd, osd = get_state_dict(net, opt)
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
             msd, osd = get_state_dict(net, opt, options=full)  # gathered to rank 0 (a collective)

@@ -111,6 +111,15 @@ def test_fsdp2_fused_lowbit_resumes_exactly_from_sharded_checkpoint(runs, name):
     codes = meta["optim.state.0.weight.exp_avg"]
     assert tuple(codes.size) == (2, 9 * 256 * bits // 8) and len(codes.chunks) == 2
     assert tuple(meta["optim.state.0.weight.shard_layout"].size) == (3,)
+    # A plain torch.save of optimizer.state_dict() holds the codes as (ranks, L) DTensors; weights_only loads them,
+    # and each rank's row is its own state at the checkpoint.
+    for rank in range(2):
+        saved = torch.load(runs / name / "straight" / f"rank{rank}.optim_state_dict.pt", weights_only=True)
+        mid = _load(runs, name, "straight", rank, ".mid")["state"]
+        codes_dt = saved["state"][0]["exp_avg"]
+        assert type(codes_dt).__name__ == "DTensor" and tuple(codes_dt.shape) == (2, 9 * 256 * bits // 8)
+        assert torch.equal(codes_dt.to_local()[0], mid["0.weight.exp_avg"])
+        assert torch.equal(saved["state"][0]["exp_avg_scale"].to_local()[0], mid["0.weight.exp_avg_scale"])
     # The state monitor counts each rank's own bytes and parameters (no crash on DTensors).
     for s in (r0, r1):
         assert s["monitor"]["bytes"] == sum(t.numel() * t.element_size() for t in s["state"].values())
