@@ -2,8 +2,8 @@
 
 Which logged value each column takes (the monitors log per logging interval):
 
-- final / min loss: the last and the lowest ``train/loss``; val loss: the last ``val/loss`` (the end-of-fit
-  validation, what an accuracy comparison reads; empty when the run does not validate);
+- final / min loss: the last and the lowest ``train/loss``; val loss: the last ``val/loss`` (the last validation,
+  at the end of the fit when ``trainer.val_check_interval`` divides the steps; empty when the run does not validate);
 - tokens/s, optimizer-step ms and its share of the training step: the last interval's ``throughput/tokens_per_sec``,
   ``timing/optimizer_step_ms``, ``timing/optimizer_step_share`` (after the warm-up steps: the steady state);
 - first step s: ``timing/warmup/first_optimizer_step_ms`` / 1000 (torchao compiles here);
