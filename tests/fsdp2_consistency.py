@@ -8,13 +8,11 @@ stepping the whole model with the same optimizer on the same data.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 STEPS, WORLD, BATCH = 3, 2, 16
@@ -56,13 +54,18 @@ def train(net: nn.Module, name: str, rows: slice, grads_from: nn.Module | None =
 
 
 def worker(rank: int, out: str, names: list[str]) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from gloo_group import gloo_mesh
 
     warnings.filterwarnings("ignore")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("FSDP2_TEST_PORT", "29531"))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    mesh = init_device_mesh("cpu", (WORLD,))
+    with gloo_mesh(rank, WORLD, "29531") as mesh:
+        results = _results(rank, mesh, names)
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+
+
+def _results(rank: int, mesh, names: list[str]) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
     results = {}
     for name in names:
         try:
@@ -84,9 +87,7 @@ def worker(rank: int, out: str, names: list[str]) -> None:
             results[name]["dtensor"] = type(net[0].weight).__name__
         except Exception as err:  # noqa: BLE001 - recorded for the test to show
             results[name] = {"error": f"{type(err).__name__}: {err}"[:500]}
-    if rank == 0:
-        Path(out).write_text(json.dumps(results))
-    dist.destroy_process_group()
+    return results
 
 
 if __name__ == "__main__":

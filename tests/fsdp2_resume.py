@@ -19,7 +19,6 @@ the checkpoint (DIR/name/straight/rank{r}.optim_state_dict.pt).
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 import warnings
@@ -136,18 +135,13 @@ def run(rank: int, mesh, mode: str, root: Path, name: str) -> None:
 
 
 def worker(rank: int, world: int, modes: str, root: str, names: list[str]) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
+    from gloo_group import gloo_mesh
 
     warnings.filterwarnings("ignore")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("FSDP2_TEST_PORT", "29541"))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
+    with gloo_mesh(rank, world, "29541") as mesh:
         for mode in modes.split(","):
             for name in names:
                 run(rank, mesh, mode, Path(root), name)
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

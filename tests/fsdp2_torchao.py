@@ -94,7 +94,7 @@ def run(rank: int, mesh, mode: str, root: Path, name: str) -> None:
 
 
 def worker(rank: int, mode: str, root: str, names: list[str]) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
+    from gloo_group import gloo_mesh
 
     warnings.filterwarnings("ignore")
     os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
@@ -102,14 +102,9 @@ def worker(rank: int, mode: str, root: str, names: list[str]) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(root) / "inductor_shared")
     else:
         os.environ["LIT_OPTIM_COMPILE_CACHE"] = str(Path(root) / "compile_cache")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("FSDP2_TEST_PORT", "29551"))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        mesh = init_device_mesh("cpu", (WORLD,))
+    with gloo_mesh(rank, WORLD, "29551") as mesh:
         for name in names:
             run(rank, mesh, mode, Path(root), name)
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

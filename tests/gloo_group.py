@@ -1,0 +1,23 @@
+"""The process group the FSDP2 test workers share: gloo over CPU ranks on this host, and its 1-D device mesh."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch.distributed as dist
+
+
+@contextlib.contextmanager
+def gloo_mesh(rank: int, world: int, default_port: str) -> Iterator:
+    """Join a `world`-rank gloo group as `rank` and yield its 1-D CPU mesh; the group is destroyed on the way out.
+    The rendezvous port is FSDP2_TEST_PORT (the tests pick a free one), else `default_port`."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("FSDP2_TEST_PORT", default_port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield init_device_mesh("cpu", (world,))
+    finally:
+        dist.destroy_process_group()
