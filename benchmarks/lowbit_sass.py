@@ -75,12 +75,12 @@ def opcode(text: str) -> str:
 
 
 def count(bits: int, block: int, **kw) -> dict:
-    compiled = compile_sm90(bits, block, **kw)
-    loop = main_loop(disassemble(compiled.asm["cubin"]))
+    sass = disassemble(compile_sm90(bits, block, **kw).asm["cubin"])
+    loop = main_loop(sass)
     threads = 32 * kernel._num_warps(bits, block)
     return {"bits": bits, "block": block, "triton": triton.__version__, "per_block": len(loop),
             "per_element": len(loop) * threads / block, "warp_instructions_per_param": len(loop) / block,
-            "opcodes": collections.Counter(opcode(t) for t in loop).most_common()}
+            "opcodes": collections.Counter(opcode(t) for t in loop).most_common(), "sass": sass}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{bits}-bit, block {block}: {c['per_block']} instructions per block per warp, "
               f"{c['per_element']:.1f} per element; {total:.3g} warp-instructions for {args.params:.4g} params; {top}")
         if args.dump:
-            Path(args.dump).write_text(disassemble(compile_sm90(bits, block, dtype=args.dtype,
-                                                                exact=args.exact).asm["cubin"]))
+            Path(args.dump).write_text(c["sass"])
     return 0
 
 
