@@ -40,7 +40,11 @@ def run_cell(workdir: Path, seed: int, lr: float, optimizers: tuple[str, ...], e
         cmd = [sys.executable, "-m", "lit_optim.cli", "compare", f"optim={','.join(optimizers)}", f"seed={seed}",
                f"optim.lr={lr:g}", "logger=none", *extra, "--out", str(out)]
         print(f"seed {seed}, lr {lr:g}: {' '.join(cmd[3:])}", flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:  # compare refused the request (a failed run is a row, not an exit status)
+            said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["(no output)"]
+            raise SystemExit(f"lowbit_accuracy: `lit-optim {' '.join(cmd[3:])}` stopped (exit {proc.returncode}): "
+                             f"{said[0]}")
     return out
 
 

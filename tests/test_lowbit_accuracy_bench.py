@@ -47,6 +47,12 @@ def test_a_cell_reads_the_compare_table_s_validation_loss(bench, tmp_path):
     assert bench.run_cell(tmp_path, 7, 2e-3, ("adamw_torch",), []) == cell  # already there: read, not rerun
 
 
+def test_a_request_compare_refuses_stops_the_sweep_with_compare_s_reason(bench, tmp_path):
+    with pytest.raises(SystemExit, match=r"stopped \(exit 2\): lit-optim: Unknown optimizer 'adamw_nope'"):
+        bench.run_cell(tmp_path, 1, 1e-3, ("adamw_torch", "adamw_nope"), [])
+    assert not (bench.cell_dir(tmp_path, 1, 1e-3) / "comparison.csv").exists()
+
+
 @pytest.mark.slow
 def test_one_real_cell_through_lit_optim_compare(tmp_path):
     out = tmp_path / "acc.json"
