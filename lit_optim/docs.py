@@ -1,4 +1,4 @@
-"""Keeps the README's optimizer table and DDP/FSDP2 support matrix equal to the code.
+"""Keeps the README's optimizer table and DDP/FSDP1/FSDP2 support matrix equal to the code.
 
     python -m lit_optim.docs           # rewrite the tables between the optimizer-table and support-matrix markers
     python -m lit_optim.docs --check   # exit 1 if it is stale (a test runs this check)
@@ -25,7 +25,7 @@ def _replace(text: str, start: str, end: str, body: str) -> str:
 
 
 def render_readme(text: str) -> str:
-    """README.md with the optimizer table and the DDP/FSDP2 support matrix regenerated from the code."""
+    """README.md with the optimizer table and the DDP/FSDP1/FSDP2 support matrix regenerated from the code."""
     text = _replace(text, START, END, optimizer_table(markdown=True))
     return _replace(text, MATRIX_START, MATRIX_END, matrix_table())
 

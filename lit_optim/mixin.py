@@ -47,7 +47,7 @@ from lit_optim.preflight import check_accumulation
 from lit_optim.registry import get_spec
 from lit_optim.resume import check_model, check_optimizer
 from lit_optim.scheduler import build_scheduler
-from lit_optim.spec import CPU, DDP, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
+from lit_optim.spec import CPU, DDP, FSDP1, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
 
 DEFAULT_OPTIM = "adamw_torch"
 
@@ -74,7 +74,13 @@ def check_trainer_compatibility(spec: OptimizerSpec, trainer, device_type: str) 
     problems = []
     if device_type != "cuda" and CPU not in spec.supports:
         problems.append(f"it runs only on CUDA but the model is on {device_type!r}; use accelerator='gpu'")
-    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) and FSDP2 not in spec.supports:
+    if isinstance(strategy, FSDPStrategy) and FSDP1 not in spec.supports:
+        why = spec.unsupported_why.get(FSDP1, "FSDP1 hands the optimizer 1-D slices of flattened parameters and "
+                                              "gathers only state shaped like them")
+        fix = "use FSDP2 (ModelParallelStrategy; trainer=fsdp2)" if FSDP2 in spec.supports else "use DDP"
+        problems.append(f"it does not support FSDP1, Lightning's strategy='fsdp' ({why}); {fix}, or an elementwise "
+                        "torch optimizer such as adamw_torch")
+    elif isinstance(strategy, ModelParallelStrategy) and FSDP2 not in spec.supports:
         why = spec.unsupported_why.get(FSDP2, "its state cannot go through FSDP's optimizer state dict")
         problems.append(f"it does not support FSDP ({why}); use DDP, or a torch/torchao optimizer")
     elif isinstance(strategy, DDPStrategy) and DDP not in spec.supports:

@@ -1,7 +1,8 @@
 """Parameter classification and param groups.
 
 Weight decay is skipped for biases, normalisation weights (by module type and by name), every other 1-D parameter,
-and names the model lists in `no_weight_decay()`. Frozen parameters are left out. `lr_scales` gives matching
+and names the model lists in `no_weight_decay()`. "1-D" means the parameter's own shape, also under FSDP1, which
+shows the optimizer 1-D slices of every parameter. Frozen parameters are left out. `lr_scales` gives matching
 parameters their own named group with a scaled learning rate (e.g. ``{"embedding": 0.1}``).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -69,6 +71,26 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, norm_types) or "norm" in type(module).__name__.lower()
 
 
+def _fsdp1_shapes(model: nn.Module) -> dict[int, torch.Size]:
+    """The shapes of the parameters FSDP1 (`FullyShardedDataParallel`) flattened, by id of the 1-D slice it shows.
+
+    With `use_orig_params=True` (Lightning's default) each parameter stays a tensor of its own, but a rank holds only
+    its part of the flattened whole; a 64 x 64 weight reads as shape (4096,), (1000,) or (0,). Empty when nothing is
+    FSDP1-wrapped. FSDP1 keeps the original shapes only in its private handle metadata, hence the defensive reads.
+    """
+    if "torch.distributed.fsdp" not in sys.modules:  # nothing can be wrapped without it; keep the import off
+        return {}
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    shapes: dict[int, torch.Size] = {}
+    for module in FullyShardedDataParallel.fsdp_modules(model):
+        flat = getattr(getattr(module, "_handle", None), "flat_param", None)
+        params, original = getattr(flat, "_params", None), getattr(flat, "_shapes", None)
+        if params is not None and original is not None:
+            shapes.update({id(p): torch.Size(shape) for p, shape in zip(params, original)})
+    return shapes
+
+
 def classify(
     model_or_named_params: nn.Module | Iterable[tuple[str, nn.Parameter]],
     no_decay: Iterable[str] = (),
@@ -97,8 +119,9 @@ def classify(
         listed = set(listed)
         embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        shapes = _fsdp1_shapes(model)
     else:
-        model, owner, listed, embeddings, out_emb = None, {}, set(), set(), None
+        model, owner, listed, embeddings, out_emb, shapes = None, {}, set(), set(), None, {}
         named = list(model_or_named_params)
         if named and not (isinstance(named[0], tuple) and len(named[0]) == 2 and isinstance(named[0][0], str)):
             raise HyperparameterError(
@@ -111,6 +134,13 @@ def classify(
     head_ids = {id(out_emb.weight)} if isinstance(out_emb, nn.Module) and hasattr(out_emb, "weight") else set()
     infos, frozen = [], []
     for name, p in named:
+        if getattr(p, "_is_flat_param", False):
+            raise HyperparameterError(
+                f"Parameter {name!r} is one of FSDP1's flat parameters (use_orig_params=False): weights, biases and "
+                "norms of a wrapped module concatenated into one tensor, which cannot get per-parameter weight decay "
+                "or learning rates. Keep use_orig_params=True (the default of Lightning's FSDPStrategy), or use "
+                "FSDP2 (ModelParallelStrategy; trainer=fsdp2)."
+            )
         if not p.requires_grad:
             frozen.append(name)
             continue
@@ -118,7 +148,7 @@ def classify(
         is_head = id(p) in head_ids or bool(re.search(r"(^|\.)(lm_head|output|head|classifier)\.weight$", name))
         is_emb = id(p) in embeddings or (module is None and "embed" in name)
         decay = not (
-            p.ndim <= 1
+            len(shapes.get(id(p), p.shape)) <= 1
             or (module is not None and _is_norm(module))
             or _NO_DECAY_NAME.search(name.lower())
             or name in listed

@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-# What a training setup may need from an optimizer; `supports` lists the ones a spec handles.
-CPU, DDP, FSDP2, GRAD_CLIP, GRAD_ACCUM = "cpu", "ddp", "fsdp2", "grad_clip", "grad_accum"
-ALL_FEATURES = frozenset({CPU, DDP, FSDP2, GRAD_CLIP, GRAD_ACCUM})
+# What a training setup may need from an optimizer; `supports` lists the ones a spec handles. FSDP1 is Lightning's
+# FSDPStrategy (`strategy="fsdp"`): it shows the optimizer 1-D slices of flattened parameters and gathers only state
+# shaped like them, so only elementwise updates with parameter-shaped state qualify. FSDP2 is ModelParallelStrategy
+# with `fully_shard`: DTensor parameters, sharded by rows.
+CPU, DDP, FSDP1, FSDP2, GRAD_CLIP, GRAD_ACCUM = "cpu", "ddp", "fsdp1", "fsdp2", "grad_clip", "grad_accum"
+ALL_FEATURES = frozenset({CPU, DDP, FSDP1, FSDP2, GRAD_CLIP, GRAD_ACCUM})
 
 # backend -> (module to import, how to install it)
 BACKENDS: Mapping[str, tuple[str, str]] = MappingProxyType(

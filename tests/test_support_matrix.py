@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -32,10 +33,31 @@ def no_process_group():
         torch.distributed.destroy_process_group()
 
 
+def fsdp1_trainer():
+    """Lightning's FSDPStrategy refuses to build a Trainer without a GPU, so FSDP1 cells get the real strategy object
+    in a stand-in holding what the checks before step 1 read."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return SimpleNamespace(strategy=FSDPStrategy(), accumulate_grad_batches=1, gradient_clip_val=None,
+                           precision_plugin=SimpleNamespace(scaler=None), estimated_stepping_batches=10)
+
+
 @pytest.mark.parametrize(("family", "kind", "reason"), REFUSED, ids=[f"{f.key}-{k}" for f, k, _ in REFUSED])
 def test_refused_cell_stops_before_step_1(family, kind, reason, tmp_path, no_process_group):
     runnable = [c for c in family.configs if CPU in get_spec(c["name"]).supports]
-    if not runnable:  # CUDA-only names (FlashOptim): the same check, on a real Trainer with the real strategy
+    if kind == "FSDP1":  # the module's own configure_optimizers, as Lightning calls it, under the stand-in
+        from lit_optim.mixin import check_trainer_compatibility
+
+        trainer = fsdp1_trainer()
+        with pytest.raises(IncompatibleConfigError) as err:
+            if runnable:
+                module = LanguageModelTask(model=TINY_MODEL, optim={"lr": 1e-2, **runnable[0]})
+                module._trainer = trainer
+                module.configure_model()
+                module.configure_optimizers()
+            else:
+                check_trainer_compatibility(get_spec(family.configs[0]["name"]), trainer, "cuda")
+    elif not runnable:  # CUDA-only names (FlashOptim): the same check, on a real Trainer with the real strategy
         from lit_optim.mixin import check_trainer_compatibility
 
         trainer = L.Trainer(strategy=support_matrix.strategy(kind), accelerator="cpu", devices=1, logger=False)

@@ -7,14 +7,15 @@ bitsandbytes' plain `AdamW` is 32-bit unless told otherwise; every name here pin
 from __future__ import annotations
 
 from lit_optim import theory
-from lit_optim.spec import CPU, DDP, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
+from lit_optim.spec import CPU, DDP, FSDP1, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
 
 SPECS: list[OptimizerSpec] = []  # in registry order; lit_optim/specs/all.py collects them
 register = SPECS.append
 
 # FSDP cannot save bitsandbytes' 8-bit/paged state through its optimizer state dict (bnb#89, #1403, #1732).
 _NO_FSDP = frozenset({CPU, DDP, GRAD_CLIP, GRAD_ACCUM})
-_WHY = {FSDP2: "bitsandbytes has no DTensor support and its 8-bit/paged state cannot go through FSDP's optimizer "
+_WHY = {FSDP1: "its 8-bit/paged state cannot go through FSDP1's optimizer state dict",
+        FSDP2: "bitsandbytes has no DTensor support and its 8-bit/paged state cannot go through FSDP's optimizer "
                "state dict"}
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lit_optim import theory
-from lit_optim.spec import OptimizerSpec
+from lit_optim.spec import ALL_FEATURES, FSDP1, OptimizerSpec
 
 SPECS: list[OptimizerSpec] = []  # in registry order; lit_optim/specs/all.py collects them
 register = SPECS.append
@@ -29,5 +29,7 @@ register(OptimizerSpec(
     # Hugging Face's Trainer passes TrainingArguments' betas, eps and weight decay, not optimi's defaults
     # ((0.9, 0.99), 1e-6, 0.01).
     defaults={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+    supports=ALL_FEATURES - {FSDP1},
+    unsupported_why={FSDP1: "its update clipping takes each parameter's RMS, and FSDP1 hands it one rank's 1-D slice"},
     description="StableAdamW (optimi): AdamW with AdaFactor-style update clipping; Kahan summation for bf16 params.",
 ))

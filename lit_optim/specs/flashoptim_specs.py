@@ -11,16 +11,17 @@ from __future__ import annotations
 
 from lit_optim import theory
 from lit_optim.builders.flashoptim import DEFAULT_MASTER_WEIGHT_BITS, arguments, build
-from lit_optim.spec import DDP, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
+from lit_optim.spec import DDP, FSDP1, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
 
 SPECS: list[OptimizerSpec] = []  # in registry order; lit_optim/specs/all.py collects them
 register = SPECS.append
 
 # DDP hands every rank the same averaged gradients; clipping and accumulation work on ordinary .grad tensors before
-# step(). FSDP is not claimed: flashoptim steps FSDP2 shards (checkpoints through DCP, evenly sharded parameters only)
-# but not FSDP1, and lit_optim's 'fsdp2' feature admits both of Lightning's FSDP strategies.
+# step(). FSDP is not claimed: flashoptim has no FSDP1 support, and it steps FSDP2 shards (checkpoints through DCP,
+# evenly sharded parameters only) but no multi-GPU machine has run that here yet.
 _SUPPORTS = frozenset({DDP, GRAD_CLIP, GRAD_ACCUM})
-_WHY = {FSDP2: "flashoptim does not support FSDP1, which lit_optim's FSDP check admits with FSDP2"}
+_WHY = {FSDP1: "flashoptim does not support FSDP1",
+        FSDP2: "its FSDP2 path needs CUDA and no multi-GPU machine has run it yet"}
 # Triton, which compiles the step, supports NVIDIA GPUs of compute capability 8.0 (Ampere) and newer.
 _CAPABILITY = (8, 0)
 _DEFAULTS = {"quantize": True, "master_weight_bits": DEFAULT_MASTER_WEIGHT_BITS}

@@ -4,7 +4,7 @@ same math in plain torch on CPU."""
 from __future__ import annotations
 
 from lit_optim import theory
-from lit_optim.spec import CPU, DDP, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
+from lit_optim.spec import CPU, DDP, FSDP1, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
 
 SPECS: list[OptimizerSpec] = []  # in registry order; lit_optim/specs/all.py collects them
 register = SPECS.append
@@ -13,6 +13,8 @@ register = SPECS.append
 # codes on every rank); torch.distributed.checkpoint saves each rank's own and a resume on the same number of ranks is
 # exact (tests/test_fsdp2_resume.py). Another number of ranks is refused: the blocks would fall elsewhere.
 _SUPPORTS = frozenset({CPU, DDP, FSDP2, GRAD_CLIP, GRAD_ACCUM})
+_WHY = {FSDP1: "its codes and block scales are not shaped like the 1-D parameter slices FSDP1 hands it, so FSDP1's "
+               "optimizer state dict, which every checkpoint calls, fails on them"}
 _NOTE = ("Every tensor gets low-bit state (the last block padded), whatever its size. CUDA: one fused Triton launch "
          "per step, no compilation per shape; CPU: the same math in plain torch. stochastic_rounding=True rounds "
          "bf16 parameters stochastically. FSDP2: sharded checkpoints resume exactly on the same number of ranks.")
@@ -27,7 +29,7 @@ for prefix, cls, label in (("adamw", "LowBitAdamW", "AdamW"), ("adam", "LowBitAd
             name=f"{prefix}_fused_{bits}bit", backend="lit_optim", target=f"lit_optim.optimizers.lowbit:{cls}",
             bits=bits, fixed={"bits": bits},
             defaults={"block_size": theory.FUSED_DEFAULT_BLOCK[bits], "weight_decay": 0.0},
-            state_bytes=theory.fused_lowbit_states(2, bits), supports=_SUPPORTS,
+            state_bytes=theory.fused_lowbit_states(2, bits), supports=_SUPPORTS, unsupported_why=_WHY,
             notes=_NOTE,
             description=f"lit_optim {label}, fused step: block-wise ({theory.FUSED_DEFAULT_BLOCK[bits]}) "
                         f"{_CODES[bits]}.",
@@ -36,7 +38,7 @@ for bits in (8, 4):
     register(OptimizerSpec(
         name=f"lion_fused_{bits}bit", backend="lit_optim", target="lit_optim.optimizers.lowbit:LowBitLion",
         bits=bits, fixed={"bits": bits}, defaults={"block_size": theory.FUSED_DEFAULT_BLOCK[bits]},
-        state_bytes=theory.fused_lowbit_states(1, bits), supports=_SUPPORTS,
+        state_bytes=theory.fused_lowbit_states(1, bits), supports=_SUPPORTS, unsupported_why=_WHY,
         notes=_NOTE,
         description=f"lit_optim Lion, fused step: one block-wise ({theory.FUSED_DEFAULT_BLOCK[bits]}) {bits}-bit "
                     "sqrt-companded momentum.",

@@ -16,7 +16,7 @@ from typing import Any
 from lit_optim import theory
 from lit_optim.builders.lowrank import adam_mini_arguments, adam_mini_builder, lowrank_arguments, lowrank_builder
 from lit_optim.optimizers.projection import factor_elements, projected_shape, projection_side
-from lit_optim.spec import CPU, DDP, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
+from lit_optim.spec import CPU, DDP, FSDP1, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
 from lit_optim.specs import bnb_specs, extra_specs, torch_specs, torchao_specs
 
 SPECS: list[OptimizerSpec] = []  # in registry order; lit_optim/specs/all.py collects them
@@ -26,7 +26,9 @@ FP32 = theory.FP32
 # FSDP2 shards each weight: a projection (SVD or random), a per-head/per-row block or a factored statistic of a shard
 # is not the one of the whole matrix.
 NO_FSDP = frozenset({CPU, DDP, GRAD_CLIP, GRAD_ACCUM})
-NO_FSDP_WHY = {FSDP2: "a projection, per-head block or factored statistic of a shard is not the whole matrix's"}
+NO_FSDP_WHY = {FSDP1: "a projection, per-head block or factored statistic needs the whole matrix, and FSDP1 hands it "
+                      "1-D slices",
+               FSDP2: "a projection, per-head block or factored statistic of a shard is not the whole matrix's"}
 GALORE_DEFAULTS = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
 APOLLO_DEFAULTS = {"rank": 128, "update_proj_gap": 200, "scale": 1.0, "proj_type": "std", "scale_type": "channel",
                    "norm_growth_limit": 1.01}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lit_optim import theory
-from lit_optim.spec import OptimizerSpec
+from lit_optim.spec import ALL_FEATURES, FSDP1, FSDP2, OptimizerSpec
 
 SPECS: list[OptimizerSpec] = []  # in registry order; lit_optim/specs/all.py collects them
 register = SPECS.append
@@ -39,7 +39,12 @@ register(OptimizerSpec(
 ))
 register(OptimizerSpec(
     name="adafactor_torch", backend="torch", target="torch.optim:Adafactor", state_bytes=theory.factored_second_moment,
-    defaults={"lr": 1e-2},
+    defaults={"lr": 1e-2}, supports=ALL_FEATURES - {FSDP1, FSDP2},
+    unsupported_why={
+        FSDP1: "it factors each weight's second moment into row and column statistics, and FSDP1 hands it 1-D slices",
+        FSDP2: "its row and column statistics of a weight's shard are not the whole weight's (a DTensor shard fails "
+               "at its first step)",
+    },
     description="PyTorch Adafactor: factored second moment (row + column statistics), no first moment.",
     notes="Not Hugging Face's 'adafactor' (that is lit_optim's absolute-lr Adafactor, registered as 'adafactor'): "
           "PyTorch's steps min(lr, 1/sqrt(t)) times the parameter's RMS.",
@@ -59,7 +64,8 @@ def _muon_theory(shape, hp):
 
 register(OptimizerSpec(
     name="muon", backend="torch", target="lit_optim.optimizers.muon_adamw:MuonWithAdamW", builder=_build_muon,
-    state_bytes=_muon_theory, defaults={"lr": 1e-3},
+    state_bytes=_muon_theory, defaults={"lr": 1e-3}, supports=ALL_FEATURES - {FSDP1},
+    unsupported_why={FSDP1: "it orthogonalises whole 2-D weights, and FSDP1 hands it 1-D slices of them"},
     description="PyTorch Muon on 2-D hidden weights plus AdamW on embeddings, head and 1-D params, in one optimizer.",
     notes="The theory is by shape: 4 B/param for 2-D tensors (Muon's momentum); embeddings and the output head are "
           "2-D but take AdamW (8 B/param).",

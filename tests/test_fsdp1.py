@@ -1,0 +1,79 @@
+"""FSDP1 -- Lightning's FSDPStrategy (`strategy="fsdp"`), `FullyShardedDataParallel(use_orig_params=True)` -- on two
+CPU processes (gloo); tests/fsdp1_consistency.py does the runs.
+
+FSDP1 flattens each wrapped module's parameters and hands the optimizer every parameter as a 1-D slice of its rank's
+part. Only an elementwise update with state shaped like the parameter steps a slice as it would the whole tensor, and
+only such state goes through FSDP1's optimizer state dict (every Lightning checkpoint calls it). The names that claim
+FSDP1 are exactly those; here each one steps like one process and resumes exactly through both of Lightning's
+`state_dict_type`s. Weight decay goes by each parameter's own shape, not its slice's. Every other name is refused
+before step 1 (tests/test_support_matrix.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from harness import free_port
+from torch import nn
+
+from lit_optim.errors import HyperparameterError
+from lit_optim.registry import get_spec, list_optimizers
+from lit_optim.spec import CPU, FSDP1
+
+# The names that may claim FSDP1: elementwise updates, state shaped like the parameter. A spec that claims it and is
+# not here fails the first test: add it, and the second test runs it.
+ELEMENTWISE = ["adamw_torch", "adamw_torch_fused", "adam", "sgd", "adagrad", "rmsprop", "schedule_free_adamw",
+               "schedule_free_radam", "schedule_free_sgd"]
+
+
+def test_fsdp1_is_claimed_only_by_elementwise_names():
+    claiming = [n for n in list_optimizers() if FSDP1 in get_spec(n).supports and CPU in get_spec(n).supports]
+    assert sorted(claiming) == sorted(ELEMENTWISE)
+
+
+def test_fsdp1_steps_like_one_process_and_resumes_exactly(tmp_path):
+    out = tmp_path / "fsdp1.json"
+    script = Path(__file__).resolve().parent / "fsdp1_consistency.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    env["FSDP2_TEST_PORT"] = free_port()
+    proc = subprocess.run([sys.executable, str(script), str(out), *ELEMENTWISE], capture_output=True, text=True,
+                          timeout=400, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for name in ELEMENTWISE:
+        r = results[name]
+        assert "error" not in r, (name, r)
+        assert r["moved"] > 1e-4, (name, r)  # the comparison below means something
+        # This rank's 64 x 64 weights (flattened to 1-D slices) keep the weight decay a 2-D weight gets.
+        assert r["weight_decay"] in ([0.1], []), (name, r["weight_decay"])
+        assert max(r["sharded_vs_one_process"]) < 1e-4 * max(r["moved"], 1.0), (name, r)
+        assert r["resume"] == {"full": 0.0, "sharded": 0.0}, (name, r["resume"])
+    # Rank 0 holds the first layer's weight: the check above was made at least once.
+    assert any(results[n]["weight_decay"] == [0.1] for n in ELEMENTWISE)
+
+
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_fsdp1_flat_parameters_are_refused_with_the_fix(one_rank_group):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    import lit_optim
+
+    wrapped = FullyShardedDataParallel(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)), device_id=torch.device("cpu"),
+                                       use_orig_params=False)
+    with pytest.raises(HyperparameterError, match="use_orig_params=True"):
+        lit_optim.build_optimizer(wrapped, "adamw_torch", lr=1e-3, weight_decay=0.1)
