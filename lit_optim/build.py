@@ -172,6 +172,8 @@ def _kept_32bit(optimizer: torch.optim.Optimizer, fp32: tuple[torch.Tensor, ...]
 def build_optimizer(
     model_or_named_params: nn.Module | Iterable[tuple[str, nn.Parameter]],
     name: str,
+    *,
+    original_shapes: Mapping[int, torch.Size] | None = None,
     **hyperparameters: Any,
 ) -> torch.optim.Optimizer:
     """Build the optimizer `name` for a model (or its named parameters) with lit_optim's param groups.
@@ -179,6 +181,7 @@ def build_optimizer(
     Hyperparameters are the optimizer's own constructor arguments (``lr``, ``betas``, ``block_size`` ...) plus
     ``weight_decay`` (applied only to the ``decay`` group), ``no_decay`` (extra regexes), ``lr_scales`` and, for
     bitsandbytes 8-bit optimizers, ``embedding_state_32bit`` (default True, as Hugging Face does).
+    `original_shapes` is for a module inside an FSDP1 wrapper: `lit_optim.param_groups.fsdp1_shapes(wrapper)`.
     """
     spec = get_spec(name)
     check_available(spec)
@@ -194,6 +197,7 @@ def build_optimizer(
         weight_decay=float(wd or 0.0),
         no_decay=group_opts.get("no_decay") or (),
         lr_scales=group_opts.get("lr_scales"),
+        original_shapes=original_shapes,
     )
     if "weight_decay" in accepted:
         kwargs["weight_decay"] = wd or 0.0

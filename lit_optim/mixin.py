@@ -43,6 +43,7 @@ from lit_optim.build import _plain, accepted_arguments, build_optimizer, check_a
 from lit_optim.errors import HyperparameterError, IncompatibleConfigError, MixinUsageError
 from lit_optim.lifecycle import with_lifecycle
 from lit_optim.nesting import leaves
+from lit_optim.param_groups import fsdp1_shapes
 from lit_optim.preflight import check_accumulation
 from lit_optim.registry import get_spec
 from lit_optim.resume import check_model, check_optimizer
@@ -66,6 +67,10 @@ def normalize_optim_config(optim: str | Mapping[str, Any] | None) -> dict[str, A
     return cfg
 
 
+# lit_optim's own strategy: Lightning's ModelParallelStrategy with every device in the data-parallel (sharded) mesh.
+FSDP2_FIX = "trainer=fsdp2, i.e. lit_optim.task.fsdp2.FSDP2Strategy"
+
+
 def check_trainer_compatibility(spec: OptimizerSpec, trainer, device_type: str) -> None:
     """Known-incompatible combinations of optimizer and Trainer settings, refused with the reason and a fix."""
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
@@ -77,15 +82,21 @@ def check_trainer_compatibility(spec: OptimizerSpec, trainer, device_type: str) 
     if isinstance(strategy, FSDPStrategy) and FSDP1 not in spec.supports:
         why = spec.unsupported_why.get(FSDP1, "FSDP1 hands the optimizer 1-D slices of flattened parameters and "
                                               "gathers only state shaped like them")
-        fix = "use FSDP2 (ModelParallelStrategy; trainer=fsdp2)" if FSDP2 in spec.supports else "use DDP"
+        fix = f"use FSDP2 ({FSDP2_FIX})" if FSDP2 in spec.supports else "use DDP"
         problems.append(f"it does not support FSDP1, Lightning's strategy='fsdp' ({why}); {fix}, or an elementwise "
                         "torch optimizer such as adamw_torch")
     elif isinstance(strategy, ModelParallelStrategy) and FSDP2 not in spec.supports:
         why = spec.unsupported_why.get(FSDP2, "its state cannot go through FSDP's optimizer state dict")
-        problems.append(f"it does not support FSDP ({why}); use DDP, or a torch/torchao optimizer")
+        problems.append(f"it does not support FSDP2, Lightning's ModelParallelStrategy ({why}); use DDP, or an "
+                        "optimizer that does, such as adamw_torch, adamw_torch_8bit or adamw_fused_8bit")
     elif isinstance(strategy, DDPStrategy) and DDP not in spec.supports:
         why = spec.unsupported_why.get(DDP)
         problems.append("it does not support DDP" + (f" ({why})" if why else "") + "; train on one device")
+    if (isinstance(strategy, FSDPStrategy) and trainer.gradient_clip_val
+            and getattr(trainer, "gradient_clip_algorithm", "norm") in (None, "norm")):
+        # Lightning's FSDP1 precision plugin raises this only at the first clip, after a whole forward and backward.
+        problems.append("Lightning's FSDPStrategy cannot clip gradients by norm; set gradient_clip_algorithm='value',"
+                        f" remove gradient_clip_val, or use FSDP2 ({FSDP2_FIX})")
     if trainer.gradient_clip_val and GRAD_CLIP not in spec.supports:
         problems.append("it cannot use Trainer(gradient_clip_val=...); remove gradient clipping")
     if trainer.accumulate_grad_batches > 1 and GRAD_ACCUM not in spec.supports:
@@ -94,6 +105,15 @@ def check_trainer_compatibility(spec: OptimizerSpec, trainer, device_type: str) 
         raise IncompatibleConfigError(f"Optimizer {spec.name!r} cannot run with this Trainer: " + "; ".join(problems))
     if spec.paged and device_type != "cuda":
         rank_zero_warn(f"{spec.name!r}: paged memory needs CUDA; on {device_type} its state is ordinary memory.")
+
+
+def _fsdp1_shapes(trainer) -> dict:
+    """Under Lightning's FSDPStrategy the LightningModule sits inside the FSDP1 wrapper (the strategy's model), which
+    alone knows the shapes of the parameters it flattened into 1-D slices."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    return fsdp1_shapes(strategy.model) if isinstance(strategy, FSDPStrategy) else {}
 
 
 _announced_default: set[type] = set()  # classes already told that they train the default optimizer
@@ -195,7 +215,7 @@ class OptimizerMixin:
             check_accumulation(trainer.accumulate_grad_batches, "Trainer(accumulate_grad_batches=...)")
         cfg = dict(self.optim_config)
         name = cfg.pop("name")
-        optimizer = build_optimizer(self, name, **cfg)
+        optimizer = build_optimizer(self, name, original_shapes=_fsdp1_shapes(trainer), **cfg)
         keep_tensor_lrs(optimizer)
         info = optimizer.lit_optim
         if trainer is not None:

@@ -71,19 +71,23 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, norm_types) or "norm" in type(module).__name__.lower()
 
 
-def _fsdp1_shapes(model: nn.Module) -> dict[int, torch.Size]:
-    """The shapes of the parameters FSDP1 (`FullyShardedDataParallel`) flattened, by id of the 1-D slice it shows.
+def fsdp1_shapes(root: nn.Module | None) -> dict[int, torch.Size]:
+    """The shapes of the parameters FSDP1 (`FullyShardedDataParallel`) flattened in or under `root`, by parameter id.
 
     With `use_orig_params=True` (Lightning's default) each parameter stays a tensor of its own, but a rank holds only
-    its part of the flattened whole; a 64 x 64 weight reads as shape (4096,), (1000,) or (0,). Empty when nothing is
-    FSDP1-wrapped. FSDP1 keeps the original shapes only in its private handle metadata, hence the defensive reads.
+    its part of the flattened whole; a 64 x 64 weight reads as shape (4096,), (1000,) or (0,). `root` must be the
+    outermost wrapper: Lightning's FSDPStrategy wraps the LightningModule from outside (`trainer.strategy.model`),
+    and the module itself cannot see it. FSDP1 keeps the shapes only in its private handle metadata, hence the
+    defensive reads (a parameter it flattened whose shape is not found is refused in `classify`).
     """
+    if root is None:
+        return {}
     if "torch.distributed.fsdp" not in sys.modules:  # nothing can be wrapped without it; keep the import off
         return {}
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     shapes: dict[int, torch.Size] = {}
-    for module in FullyShardedDataParallel.fsdp_modules(model):
+    for module in FullyShardedDataParallel.fsdp_modules(root):
         flat = getattr(getattr(module, "_handle", None), "flat_param", None)
         params, original = getattr(flat, "_params", None), getattr(flat, "_shapes", None)
         if params is not None and original is not None:
@@ -94,8 +98,12 @@ def _fsdp1_shapes(model: nn.Module) -> dict[int, torch.Size]:
 def classify(
     model_or_named_params: nn.Module | Iterable[tuple[str, nn.Parameter]],
     no_decay: Iterable[str] = (),
+    original_shapes: Mapping[int, torch.Size] | None = None,
 ) -> tuple[list[ParamInfo], list[str], nn.Module | None]:
-    """Classify trainable parameters; returns (infos in model order, frozen names, model or None)."""
+    """Classify trainable parameters; returns (infos in model order, frozen names, model or None).
+
+    `original_shapes` ({id(param): shape}, from `fsdp1_shapes` of the outer FSDP1 wrapper) gives the shapes of
+    parameters FSDP1 flattened when the model handed over is the module inside that wrapper."""
     if isinstance(no_decay, str):
         no_decay = [no_decay]  # one pattern, not its characters (`+optim.no_decay=bias` on the command line)
     if not isinstance(no_decay, Iterable):
@@ -119,9 +127,9 @@ def classify(
         listed = set(listed)
         embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        shapes = _fsdp1_shapes(model)
+        shapes = {**fsdp1_shapes(model), **(original_shapes or {})}
     else:
-        model, owner, listed, embeddings, out_emb, shapes = None, {}, set(), set(), None, {}
+        model, owner, listed, embeddings, out_emb, shapes = None, {}, set(), set(), None, dict(original_shapes or {})
         named = list(model_or_named_params)
         if named and not (isinstance(named[0], tuple) and len(named[0]) == 2 and isinstance(named[0][0], str)):
             raise HyperparameterError(
@@ -139,11 +147,18 @@ def classify(
                 f"Parameter {name!r} is one of FSDP1's flat parameters (use_orig_params=False): weights, biases and "
                 "norms of a wrapped module concatenated into one tensor, which cannot get per-parameter weight decay "
                 "or learning rates. Keep use_orig_params=True (the default of Lightning's FSDPStrategy), or use "
-                "FSDP2 (ModelParallelStrategy; trainer=fsdp2)."
+                "FSDP2 (trainer=fsdp2, i.e. lit_optim.task.fsdp2.FSDP2Strategy)."
             )
         if not p.requires_grad:
             frozen.append(name)
             continue
+        if getattr(p, "_fsdp_flattened", False) and id(p) not in shapes:
+            raise HyperparameterError(
+                f"Parameter {name!r} is a 1-D slice FSDP1 made of a parameter whose shape lit_optim cannot see, so it "
+                "cannot tell weights (weight decay) from biases and norms. Build the optimizer from the outermost "
+                "FullyShardedDataParallel wrapper, or pass original_shapes=lit_optim.param_groups.fsdp1_shapes("
+                "wrapper); under Lightning the mixin does this itself."
+            )
         module = owner.get(id(p))
         is_head = id(p) in head_ids or bool(re.search(r"(^|\.)(lm_head|output|head|classifier)\.weight$", name))
         is_emb = id(p) in embeddings or (module is None and "embed" in name)
@@ -166,9 +181,10 @@ def build_param_groups(
     weight_decay: float,
     no_decay: Iterable[str] = (),
     lr_scales: Mapping[str, float] | None = None,
+    original_shapes: Mapping[int, torch.Size] | None = None,
 ) -> GroupPlan:
     """Named groups: ``decay`` and ``no_decay`` (and ``<selector>/decay`` ... for each `lr_scales` entry)."""
-    infos, frozen, model = classify(model_or_named_params, no_decay)
+    infos, frozen, model = classify(model_or_named_params, no_decay, original_shapes)
     if not infos:
         raise HyperparameterError(
             "The model has no trainable parameters (all requires_grad=False): nothing to optimize.")

@@ -180,7 +180,8 @@ def read_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> dict[str
         )
     if p.is_dir():
         if is_sharded_checkpoint(p):
-            return {}  # torch.distributed.checkpoint's directory (FSDP2): the strategy loads it; see check_ranks
+            # torch.distributed.checkpoint's directory (FSDP2, or FSDP1's sharded): the strategy loads it (check_ranks)
+            return {}
         raise MissingPathError(f"{key}={path} is a directory. Give a checkpoint file in it (e.g. {p / 'last.ckpt'}), "
                                "or resume=<run dir> to continue that run from its last checkpoint.")
     try:
@@ -196,7 +197,8 @@ def read_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> dict[str
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
-    """A torch.distributed.checkpoint directory, as Lightning's ModelParallelStrategy (FSDP2) saves."""
+    """A torch.distributed.checkpoint directory, as Lightning's ModelParallelStrategy (FSDP2) saves, and its
+    FSDPStrategy (FSDP1) with state_dict_type="sharded"."""
     return path.is_dir() and (path / ".metadata").is_file()
 
 

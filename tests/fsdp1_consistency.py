@@ -1,6 +1,8 @@
-"""Run by tests/test_fsdp1.py: two CPU processes (gloo) step a small model wrapped in FSDP1 (`FullyShardedDataParallel`
-with `use_orig_params=True`, as Lightning's FSDPStrategy wraps it) with each named optimizer, and rank 0 records
+"""Run by tests/test_fsdp1.py: two CPU processes (gloo) step a small LightningModule wrapped in FSDP1 as Lightning's
+FSDPStrategy wraps it (`FullyShardedDataParallel(module, use_orig_params=True)`, from outside), with each named
+optimizer built by the module's own `configure_optimizers` under that strategy, and rank 0 records
 
+- which parameters got another weight decay than their own shape asks for (FSDP1 shows 1-D slices of them),
 - how far the gathered parameters are from one process stepping the whole model on the same data, and
 - whether the optimizer state survives FSDP1's own optimizer state dict -- the calls Lightning's FSDPStrategy makes
   to save and load a checkpoint, for both of its `state_dict_type`s -- so the next step equals the uninterrupted one.
@@ -19,7 +21,8 @@ import torch
 from torch import nn
 
 STEPS, WORLD, BATCH = 6, 2, 16  # six steps: schedule-free RAdam moves nothing in its first few
-# SGD keeps state only with momentum; without it there is nothing for a checkpoint to carry.
+# SGD keeps state only with momentum. Without it (the default) Lightning's FSDPStrategy cannot load its own full
+# checkpoint: the loader reads the first entry of the empty state (an IndexError in Lightning, before lit_optim runs).
 OPTIONS = {"sgd": {"momentum": 0.9}}
 
 
@@ -33,13 +36,53 @@ def batches() -> list[torch.Tensor]:
     return [torch.randn(WORLD * BATCH, 64, generator=g) for _ in range(STEPS + 1)]
 
 
+def optim(name: str) -> dict:
+    return {"name": name, "lr": 1e-2, "weight_decay": 0.1, **OPTIONS.get(name, {})}
+
+
 def build(net: nn.Module, name: str) -> torch.optim.Optimizer:
+    """The one-process reference: the optimizer built straight from the model."""
     import lit_optim
 
-    opt = lit_optim.build_optimizer(net, name, lr=1e-2, weight_decay=0.1, **OPTIONS.get(name, {}))
+    cfg = optim(name)
+    return _train_mode(lit_optim.build_optimizer(net, cfg.pop("name"), **cfg))
+
+
+def _train_mode(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     if callable(getattr(opt, "train", None)):
-        opt.train()  # schedule-free: the task switches it with the module; here there is no module to follow
+        opt.train()  # schedule-free: the task switches it with the module; here there is no Trainer loop to do it
     return opt
+
+
+def configured(root: nn.Module) -> torch.optim.Optimizer:
+    """What Lightning's FSDPStrategy does after wrapping: the LightningModule inside `root` configures its optimizer,
+    with the strategy (holding `root` as its model) on its Trainer."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    strategy = FSDPStrategy()
+    strategy.model = root
+    module = root.module
+    module._trainer = SimpleNamespace(strategy=strategy, accumulate_grad_batches=1, gradient_clip_val=None,
+                                      precision_plugin=SimpleNamespace(scaler=None), estimated_stepping_batches=10)
+    return _train_mode(module.configure_optimizers())
+
+
+def lightning_module(name: str) -> nn.Module:
+    import lightning as L
+
+    from lit_optim.mixin import OptimizerMixin
+
+    class Net(OptimizerMixin, L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__(optim=optim(name))
+            self.body = model()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    return Net()
 
 
 def step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
@@ -77,10 +120,12 @@ def _one(rank: int, name: str, tmp: Path) -> dict:
         start = model().parameters()
         result: dict = {"moved": max(float((a - b).abs().max()) for a, b in zip(ref.parameters(), start))}
 
-        net = _wrapped()
-        opt = build(net, name)
-        result["weight_decay"] = sorted({g["weight_decay"] for g in opt.param_groups for p in g["params"]
-                                         if p.numel() == 64 * 64})  # groups of this rank's weight views, if any
+        net = _wrapped(name)
+        opt = configured(net)
+        decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+        # Each weight is 2-D (decayed), each bias 1-D (not), whatever slice of it this rank holds.
+        result["decay_mismatches"] = [n for n, p in net.module.named_parameters()
+                                      if decay[id(p)] != (0.1 if n.endswith("weight") else 0.0)]
         for x in xs[:STEPS]:
             step(net, opt, x[rows])
         result["sharded_vs_one_process"] = [float((a - b).abs().max()) for a, b in zip(_full_params(net),
@@ -91,8 +136,8 @@ def _one(rank: int, name: str, tmp: Path) -> dict:
         after = _full_params(net)
         result["resume"] = {}
         for kind, load in LOAD.items():
-            net2 = _wrapped()
-            opt2 = build(net2, name)
+            net2 = _wrapped(name)
+            opt2 = configured(net2)
             load(net2, opt2, tmp / f"{name}-{kind}")
             step(net2, opt2, xs[STEPS][rows])
             result["resume"][kind] = max(float((a - b).abs().max()) for a, b in zip(_full_params(net2), after))
@@ -101,10 +146,10 @@ def _one(rank: int, name: str, tmp: Path) -> dict:
         return {"error": f"{type(err).__name__}: {err}"[:500]}
 
 
-def _wrapped():
+def _wrapped(name: str):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    return FSDP(model(), device_id=torch.device("cpu"), use_orig_params=True)
+    return FSDP(lightning_module(name), device_id=torch.device("cpu"), use_orig_params=True)
 
 
 # What Lightning's FSDPStrategy does to save and load a checkpoint, by state_dict_type: "full" gathers everything to
@@ -123,11 +168,12 @@ def _full_context(net, rank0_only: bool):
 
 
 def _sharded_context(net):
+    # Lightning's settings as they are: the sharded path chunks each state into tensors of its own, shared with nothing.
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardedOptimStateDictConfig, ShardedStateDictConfig, StateDictType
 
-    return FSDP.state_dict_type(net, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig(False),
-                                ShardedOptimStateDictConfig(False))
+    return FSDP.state_dict_type(net, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig(True),
+                                ShardedOptimStateDictConfig(True))
 
 
 def _save_full(net, opt, path: Path, rank: int) -> None:

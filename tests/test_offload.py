@@ -217,8 +217,9 @@ def test_strategies_refused():
     level1.check_trainer(_fake_trainer(DDPStrategy()))  # DDP reduces before step: fine at level 1
     with pytest.raises(IncompatibleConfigError, match="DDP all-reduces.*offload_gradients=false under DDP"):
         level2.check_trainer(_fake_trainer(DDPStrategy()))
-    for strategy in (FSDPStrategy(), ModelParallelStrategy()):
-        with pytest.raises(IncompatibleConfigError, match="shards parameters.*cpu_offload"):
+    # Each sharded strategy is pointed at its own CPU offload: FSDP1's flag, FSDP2's offload policy.
+    for strategy, own in ((FSDPStrategy(), "cpu_offload=True"), (ModelParallelStrategy(), "CPUOffloadPolicy")):
+        with pytest.raises(IncompatibleConfigError, match=f"shards parameters.*{own}"):
             level1.check_trainer(_fake_trainer(strategy))
     with pytest.raises(IncompatibleConfigError, match="16-mixed.*bf16-mixed"):
         level2.check_trainer(_fake_trainer(DDPStrategy(), scaler=object()))

@@ -304,6 +304,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
 
 def sharded_problem(who: str) -> str:
     """Why offload refuses sharded training (the Trainer check, and the build when parameters are DTensors)."""
+    own = ("FSDPStrategy(cpu_offload=True)" if who == "FSDPStrategy"
+           else "fully_shard(..., offload_policy=CPUOffloadPolicy())")
     return (f"strategy {who} shards parameters and optimizer state across ranks itself, and full host copies of the "
-            "parameters would undo the sharding; use FSDP's own CPU offload (FSDPStrategy(cpu_offload=True)) or train "
-            "with DDP/one device and offload=cpu")
+            f"parameters would undo the sharding; use FSDP's own CPU offload ({own}) or train with DDP/one device "
+            "and offload=cpu")

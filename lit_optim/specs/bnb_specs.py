@@ -14,7 +14,9 @@ register = SPECS.append
 
 # FSDP cannot save bitsandbytes' 8-bit/paged state through its optimizer state dict (bnb#89, #1403, #1732).
 _NO_FSDP = frozenset({CPU, DDP, GRAD_CLIP, GRAD_ACCUM})
-_WHY = {FSDP1: "its 8-bit/paged state cannot go through FSDP1's optimizer state dict",
+_WHY = {FSDP1: "its 8-bit names pick 8-bit or 32-bit state per 1-D slice FSDP1 hands them (a weight split over two "
+               "ranks gets both, which FSDP1's optimizer state dict fails on); the 32-bit names are refused with "
+               "them until tested",
         FSDP2: "bitsandbytes has no DTensor support and its 8-bit/paged state cannot go through FSDP's optimizer "
                "state dict"}
 

@@ -21,14 +21,14 @@ register = SPECS.append
 # evenly sharded parameters only) but no multi-GPU machine has run that here yet.
 _SUPPORTS = frozenset({DDP, GRAD_CLIP, GRAD_ACCUM})
 _WHY = {FSDP1: "flashoptim does not support FSDP1",
-        FSDP2: "its FSDP2 path needs CUDA and no multi-GPU machine has run it yet"}
+        FSDP2: "its FSDP2 path has not been run on several GPUs here yet"}
 # Triton, which compiles the step, supports NVIDIA GPUs of compute capability 8.0 (Ampere) and newer.
 _CAPABILITY = (8, 0)
 _DEFAULTS = {"quantize": True, "master_weight_bits": DEFAULT_MASTER_WEIGHT_BITS}
 _NOTE = ("Every tensor's moments are 8-bit whatever its size. bf16/fp16 parameters add 1 byte/param of "
          "error-correction bits (master_weight_bits=24) or 2 (32), counted as optimizer state; fp32 parameters need "
          "none (an all-fp32 model is built with master_weight_bits=null). Checkpoints hold the codes and load with "
-         "weights_only=True. Not FSDP (flashoptim has no FSDP1 support).")
+         "weights_only=True. Not FSDP: flashoptim has no FSDP1 support, and its FSDP2 path has not been run here.")
 
 
 def _flash(name: str, cls: str, state_bytes, desc: str, defaults=None, notes: str = "") -> None:
