@@ -7,6 +7,9 @@ from the checkpoint taken half-way, and compares parameters and optimizer state 
 from __future__ import annotations
 
 import glob
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +209,17 @@ def python_without(hidden: tuple[str, ...], code: str, tmp_path: Path, timeout: 
     prelude = f"import sys; sys.path[:0] = {path!r}\n"
     return subprocess.run([sys.executable, "-S", "-E", "-c", prelude + code], capture_output=True, text=True,
                           timeout=timeout, cwd=str(tmp_path))
+
+
+def run_gloo_ranks(script: Path, *args: str, cwd: Path, timeout: int = 300) -> None:
+    """Run a tests/ script that spawns its own gloo ranks (tests/gloo_group.py) in a fresh process, with a free
+    rendezvous port and none of the launcher variables an earlier in-process group may have left; fail with its
+    stderr."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    env["GLOO_TEST_PORT"] = free_port()
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def free_port() -> str:

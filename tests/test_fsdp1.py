@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from harness import free_port
+from harness import free_port, run_gloo_ranks
 from torch import nn
 
 from lit_optim.errors import HyperparameterError
@@ -40,12 +38,8 @@ def test_fsdp1_is_claimed_only_by_elementwise_names():
 
 def test_fsdp1_steps_like_one_process_and_resumes_exactly(tmp_path):
     out = tmp_path / "fsdp1.json"
-    script = Path(__file__).resolve().parent / "fsdp1_consistency.py"
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
-    env["FSDP2_TEST_PORT"] = free_port()
-    proc = subprocess.run([sys.executable, str(script), str(out), *ELEMENTWISE], capture_output=True, text=True,
-                          timeout=400, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_gloo_ranks(Path(__file__).resolve().parent / "fsdp1_consistency.py", str(out), *ELEMENTWISE, cwd=tmp_path,
+                   timeout=400)
     results = json.loads(out.read_text())
     for name in ELEMENTWISE:
         r = results[name]

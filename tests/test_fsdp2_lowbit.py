@@ -11,24 +11,16 @@ tests/test_fsdp2_resume.py's.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from harness import free_port
+from harness import run_gloo_ranks
 
 NAMES = ["adamw_torch", "adamw_fused_8bit", "adamw_fused_4bit"]
 
 
 def test_fsdp2_steps_sharded_parameters_like_one_process(tmp_path):
     out = tmp_path / "fsdp2.json"
-    script = Path(__file__).resolve().parent / "fsdp2_consistency.py"
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
-    env["FSDP2_TEST_PORT"] = free_port()
-    proc = subprocess.run([sys.executable, str(script), str(out), *NAMES], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_gloo_ranks(Path(__file__).resolve().parent / "fsdp2_consistency.py", str(out), *NAMES, cwd=tmp_path)
     r = json.loads(out.read_text())
     assert all("error" not in r[n] for n in NAMES), r
     assert all(r[n]["dtensor"] == "DTensor" for n in NAMES)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import free_port
+from harness import free_port, run_gloo_ranks
 
 SCRIPT = Path(__file__).resolve().parent / "fsdp2_resume.py"
 TORCH = ["adamw_torch", "adamw_torch_fused"]
@@ -32,11 +32,7 @@ BITS = {"adamw_fused_8bit": 8, "adamw_fused_4bit": 4, "lion_fused_8bit": 8}
 
 
 def _spawn(root: Path, modes: str, names: list[str]) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
-    env["FSDP2_TEST_PORT"] = free_port()
-    proc = subprocess.run([sys.executable, str(SCRIPT), modes, str(root), *names], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_gloo_ranks(SCRIPT, modes, str(root), *names, cwd=root)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +199,7 @@ SUBCLASS = {"adamw_torch_8bit": "OptimState8bit", "adamw_torch_4bit": "OptimStat
 def _torchao_env(**extra: str) -> dict[str, str]:
     drop = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "TORCHINDUCTOR_CACHE_DIR",
             "LIT_OPTIM_COMPILE_CACHE")
-    return {**{k: v for k, v in os.environ.items() if k not in drop}, "FSDP2_TEST_PORT": free_port(), **extra}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "GLOO_TEST_PORT": free_port(), **extra}
 
 
 def _torchao_runs(tmp_path, names, cache="lit_optim"):
