@@ -96,6 +96,8 @@ def describe(name: str) -> str:
         + (f" (compute capability >= {'.'.join(map(str, spec.min_compute_capability))})"
            if spec.min_compute_capability else ""),
         f"  supports:      {', '.join(sorted(spec.supports))}",
+        *(f"  not {feature + ':':<10} {why}" for feature, why in sorted(spec.unsupported_why.items())
+          if feature not in spec.supports),
         f"  CPU offload:   {_offload_line(spec)}",
         f"  HF Trainer:    {', '.join(n for n in spec.names if n in HF_TRAINER_NAMES) or 'no'}",
     ]

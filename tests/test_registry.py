@@ -130,6 +130,8 @@ def test_describe(name):
     assert spec.target.replace(":", ".") in text
     assert f"backend:       {spec.backend}" in text
     assert f"{spec.bytes_per_param():.3g} bytes/param" in text
+    for feature, why in spec.unsupported_why.items():  # the reason a strategy is refused, where one is refused
+        assert (f"not {feature}:" in text and why in text) == (feature not in spec.supports), (feature, text)
     for alias in spec.aliases:
         assert alias in text
         assert lit_optim.describe(alias) == text
