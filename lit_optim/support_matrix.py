@@ -66,6 +66,10 @@ def families() -> list[Family]:
         Family("lit_optim fused low-bit (`adamw_fused_8bit`, `*_fused_4bit`, ...)",
                _names(lambda s: s.target.startswith("lit_optim.optimizers.lowbit:"))),
         Family("FlashOptim (`flash_*`)", _names(lambda s: s.backend == "flashoptim")),
+        Family("Muon (`muon`)", ({"name": "muon"},)),
+        Family("torch Adafactor (`adafactor_torch`)", ({"name": "adafactor_torch"},)),
+        Family("StableAdamW (`stable_adamw`)", ({"name": "stable_adamw"},)),
+        Family("schedule-free (`schedule_free_*`)", _names(lambda s: s.backend == "schedulefree")),
     ]
 
 
@@ -88,6 +92,16 @@ TESTED_BY = {
     ("lit_optim fused low-bit", "FSDP2"): _FSDP_FUSED_RESUME_TEST + " (exact resume from a torch.distributed.checkpoint"
                                           " save on the same number of ranks; another number is refused)",
     ("FlashOptim", "DDP"): NOT_ON_CPU,
+    ("Muon", "DDP"): _DDP_TEST,
+    ("Muon", "FSDP2"): _FSDP_TEST + " (stepping against one process, within bf16 rounding of its Newton-Schulz"
+                       " iterations; resume not tested)",
+    ("torch Adafactor", "DDP"): _DDP_TEST,
+    ("StableAdamW", "DDP"): _DDP_TEST,
+    ("StableAdamW", "FSDP2"): _FSDP_TEST + " (stepping against one process, exactly; resume not tested)",
+    ("schedule-free", "DDP"): _DDP_TEST,
+    ("schedule-free", "FSDP1"): _FSDP1_TEST,
+    ("schedule-free", "FSDP2"): _FSDP_TEST + " (schedule_free_adamw, stepping against one process, exactly; resume"
+                                " not tested)",
 }
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 # One name per DDP-supported family of the README's support matrix (lit_optim/support_matrix.py names this test).
 NAMES = ["adamw_torch", "adamw_torch_fused", "adamw_torch_8bit", "adamw_torch_4bit", "adamw_bnb_8bit",
-         "paged_adamw_8bit", "galore_adamw", "apollo_adamw", "adam_mini", "adamw_fused_8bit", "adamw_fused_4bit"]
+         "paged_adamw_8bit", "galore_adamw", "apollo_adamw", "adam_mini", "adamw_fused_8bit", "adamw_fused_4bit",
+         "muon", "adafactor_torch", "stable_adamw", "schedule_free_adamw"]
 
 
 def test_every_ddp_family_keeps_ranks_identical(tmp_path):  # the support matrix's DDP cells rest on it: not `slow`
