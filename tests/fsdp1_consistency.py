@@ -57,16 +57,10 @@ def _train_mode(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
 def configured(root: nn.Module) -> torch.optim.Optimizer:
     """What Lightning's FSDPStrategy does after wrapping: the LightningModule inside `root` configures its optimizer,
     with the strategy (holding `root` as its model) on its Trainer."""
-    from types import SimpleNamespace
+    from harness import fsdp1_trainer
 
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    strategy = FSDPStrategy()
-    strategy.model = root
-    module = root.module
-    module._trainer = SimpleNamespace(strategy=strategy, accumulate_grad_batches=1, gradient_clip_val=None,
-                                      precision_plugin=SimpleNamespace(scaler=None), estimated_stepping_batches=10)
-    return _train_mode(module.configure_optimizers())
+    root.module._trainer = fsdp1_trainer(root)
+    return _train_mode(root.module.configure_optimizers())
 
 
 def lightning_module(name: str) -> nn.Module:

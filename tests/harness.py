@@ -211,6 +211,20 @@ def python_without(hidden: tuple[str, ...], code: str, tmp_path: Path, timeout: 
                           timeout=timeout, cwd=str(tmp_path))
 
 
+def fsdp1_trainer(model=None, **settings):
+    """A stand-in Trainer holding a real FSDPStrategy (its model `model`, the FSDP1 wrapper) and what the checks before
+    step 1 read: Lightning will not build a Trainer with FSDPStrategy without a GPU. `settings` override the rest."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    strategy = FSDPStrategy()
+    strategy.model = model
+    return SimpleNamespace(**{"strategy": strategy, "accumulate_grad_batches": 1, "gradient_clip_val": None,
+                              "precision_plugin": SimpleNamespace(scaler=None), "estimated_stepping_batches": 10,
+                              **settings})
+
+
 def run_gloo_ranks(script: Path, *args: str, cwd: Path, timeout: int = 300) -> None:
     """Run a tests/ script that spawns its own gloo ranks (tests/gloo_group.py) in a fresh process, with a free
     rendezvous port and none of the launcher variables an earlier in-process group may have left; fail with its

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import free_port, run_gloo_ranks
+from harness import free_port, fsdp1_trainer, run_gloo_ranks
 from torch import nn
 
 from lit_optim.errors import HyperparameterError
@@ -94,16 +94,11 @@ def test_fsdp1_inner_module_needs_the_wrappers_shapes(one_rank_group):
 def test_fsdp1_refuses_clipping_by_norm_before_step_1():
     """Lightning's FSDP1 precision plugin refuses norm clipping only when it first clips, after a forward and
     backward; lit_optim says so before step 1. Clipping by value is Lightning's own and passes."""
-    from types import SimpleNamespace
-
-    from lightning.pytorch.strategies import FSDPStrategy
-
     from lit_optim.errors import IncompatibleConfigError
     from lit_optim.mixin import check_trainer_compatibility
 
     def trainer(algorithm):
-        return SimpleNamespace(strategy=FSDPStrategy(), gradient_clip_val=1.0, gradient_clip_algorithm=algorithm,
-                               accumulate_grad_batches=1)
+        return fsdp1_trainer(gradient_clip_val=1.0, gradient_clip_algorithm=algorithm)
 
     for algorithm in (None, "norm"):
         with pytest.raises(IncompatibleConfigError, match="cannot clip gradients by norm.*trainer=fsdp2"):

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
-from harness import TINY_MODEL, make_data
+from harness import TINY_MODEL, fsdp1_trainer, make_data
 
 from lit_optim import support_matrix
 from lit_optim.errors import IncompatibleConfigError
@@ -31,15 +30,6 @@ def no_process_group():
     yield
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def fsdp1_trainer():
-    """Lightning's FSDPStrategy refuses to build a Trainer without a GPU, so FSDP1 cells get the real strategy object
-    in a stand-in holding what the checks before step 1 read."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return SimpleNamespace(strategy=FSDPStrategy(), accumulate_grad_batches=1, gradient_clip_val=None,
-                           precision_plugin=SimpleNamespace(scaler=None), estimated_stepping_batches=10)
 
 
 @pytest.mark.parametrize(("family", "kind", "reason"), REFUSED, ids=[f"{f.key}-{k}" for f, k, _ in REFUSED])
