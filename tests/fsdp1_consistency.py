@@ -87,13 +87,14 @@ def step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
 
 
 def worker(rank: int, out: str, names: list[str]) -> None:
-    from gloo_group import gloo_mesh
+    from gloo_group import end_rank, gloo_mesh
 
     warnings.filterwarnings("ignore")
     with gloo_mesh(rank, WORLD, "29541"):
         results = {name: _one(rank, name, Path(out).parent) for name in names}
     if rank == 0:
         Path(out).write_text(json.dumps(results))
+    end_rank()
 
 
 def _full_params(net) -> list[torch.Tensor]:

@@ -56,13 +56,14 @@ def train(net: nn.Module, name: str, rows: slice, grads_from: nn.Module | None =
 
 
 def worker(rank: int, out: str, names: list[str]) -> None:
-    from gloo_group import gloo_mesh
+    from gloo_group import end_rank, gloo_mesh
 
     warnings.filterwarnings("ignore")
     with gloo_mesh(rank, WORLD, "29531") as mesh:
         results = _results(rank, mesh, names)
     if rank == 0:
         Path(out).write_text(json.dumps(results))
+    end_rank()
 
 
 def _results(rank: int, mesh, names: list[str]) -> dict:

@@ -135,13 +135,14 @@ def run(rank: int, mesh, mode: str, root: Path, name: str) -> None:
 
 
 def worker(rank: int, world: int, modes: str, root: str, names: list[str]) -> None:
-    from gloo_group import gloo_mesh
+    from gloo_group import end_rank, gloo_mesh
 
     warnings.filterwarnings("ignore")
     with gloo_mesh(rank, world, "29541") as mesh:
         for mode in modes.split(","):
             for name in names:
                 run(rank, mesh, mode, Path(root), name)
+    end_rank()
 
 
 if __name__ == "__main__":

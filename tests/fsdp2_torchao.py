@@ -94,7 +94,7 @@ def run(rank: int, mesh, mode: str, root: Path, name: str) -> None:
 
 
 def worker(rank: int, mode: str, root: str, names: list[str]) -> None:
-    from gloo_group import gloo_mesh
+    from gloo_group import end_rank, gloo_mesh
 
     warnings.filterwarnings("ignore")
     os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
@@ -105,6 +105,7 @@ def worker(rank: int, mode: str, root: str, names: list[str]) -> None:
     with gloo_mesh(rank, WORLD, "29551") as mesh:
         for name in names:
             run(rank, mesh, mode, Path(root), name)
+    end_rank()
 
 
 if __name__ == "__main__":

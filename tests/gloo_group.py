@@ -1,9 +1,10 @@
-"""The process group the FSDP2 test workers share: gloo over CPU ranks on this host, and its 1-D device mesh."""
+"""The process group the FSDP test workers share: gloo over CPU ranks on this host, and its 1-D device mesh."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 
 import torch.distributed as dist
@@ -14,9 +15,8 @@ def gloo_mesh(rank: int, world: int, default_port: str) -> Iterator:
     """Join a `world`-rank gloo group as `rank` and yield its 1-D CPU mesh; the group is destroyed on the way out.
     The rendezvous port is GLOO_TEST_PORT (the tests pick a free one), else `default_port`.
 
-    On a normal exit every rank meets at a barrier before tearing down: a rank that destroys its gloo pairs while
-    its peer is still inside the last collective can abort the peer ("terminate called without an active
-    exception", seen once on a loaded CI machine). After an error the barrier is skipped, so a failing rank
+    On a normal exit every rank meets at a barrier before tearing down, so that no rank leaves (end_rank) while a
+    peer still waits on it inside the last collective. After an error the barrier is skipped, so a failing rank
     cannot hang waiting for one that will never arrive."""
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -27,3 +27,17 @@ def gloo_mesh(rank: int, world: int, default_port: str) -> Iterator:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def end_rank() -> None:
+    """End this rank's process now, with exit code 0, skipping the interpreter's finalization; call it last, once
+    the results are written.
+
+    destroy_process_group only drops the Python references: the device mesh (and the FSDP state that cached it)
+    can keep the gloo group alive into finalization, and a gloo worker thread that then frees a tensor needs the
+    GIL of an interpreter being torn down; the thread is unwound, and the C++ runtime aborts the rank
+    ("terminate called without an active exception"). CI machines saw it twice, the second time with the barrier
+    above in place. Leaving with os._exit leaves nothing of the test to finalization."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
