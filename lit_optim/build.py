@@ -33,6 +33,7 @@ from lit_optim.nesting import leaves
 from lit_optim.param_groups import GroupPlan, build_param_groups
 from lit_optim.plain_state import make_portable
 from lit_optim.registry import get_spec
+from lit_optim.schedule_free import switch_mode
 from lit_optim.spec import OptimizerSpec
 
 log = logging.getLogger("lit_optim")
@@ -231,6 +232,10 @@ def build_optimizer(
     elif built_spec is not spec:
         info.extra["in_backward"] = True
     optimizer.lit_optim = info
+    if spec.train_eval_switch and callable(getattr(optimizer, "train", None)):
+        # Ready to step, and to be resumed into before step 1: Lightning loads a sharded checkpoint's optimizer state
+        # before any hook could switch it (see lit_optim.schedule_free).
+        switch_mode(optimizer, train=True)
     # torchao's state subclasses go into checkpoints as plain tensors: loadable anywhere with no import first.
     make_portable(optimizer)
     log.info("lit_optim built %s (%s): %s", spec.name, spec.target.replace(":", "."), plan.summary())

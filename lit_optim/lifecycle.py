@@ -39,6 +39,7 @@ from lit_optim.checkpoint import install_checkpoint_io
 from lit_optim.errors import MixinUsageError
 from lit_optim.preflight import check_writable
 from lit_optim.resume import RECORD_KEY, canonical_name
+from lit_optim.schedule_free import switch_mode
 
 
 def _built(trainer):
@@ -57,7 +58,7 @@ def _releases_grads(pl_module) -> bool:
 def _set_mode(trainer, train: bool) -> None:
     for opt, info in _built(trainer):
         if info.spec.train_eval_switch:
-            opt.train() if train else opt.eval()
+            switch_mode(opt, train)
 
 
 def with_lifecycle(configure_callbacks: Callable) -> Callable:

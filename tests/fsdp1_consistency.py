@@ -45,13 +45,7 @@ def build(net: nn.Module, name: str) -> torch.optim.Optimizer:
     import lit_optim
 
     cfg = optim(name)
-    return _train_mode(lit_optim.build_optimizer(net, cfg.pop("name"), **cfg))
-
-
-def _train_mode(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    if callable(getattr(opt, "train", None)):
-        opt.train()  # schedule-free: the task switches it with the module; here there is no Trainer loop to do it
-    return opt
+    return lit_optim.build_optimizer(net, cfg.pop("name"), **cfg)  # schedule-free comes in train mode
 
 
 def configured(root: nn.Module) -> torch.optim.Optimizer:
@@ -60,7 +54,7 @@ def configured(root: nn.Module) -> torch.optim.Optimizer:
     from harness import fsdp1_trainer
 
     root.module._trainer = fsdp1_trainer(root)
-    return _train_mode(root.module.configure_optimizers())
+    return root.module.configure_optimizers()
 
 
 def lightning_module(name: str) -> nn.Module:

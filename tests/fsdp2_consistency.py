@@ -38,8 +38,6 @@ def train(net: nn.Module, name: str, rows: slice, grads_from: nn.Module | None =
     import lit_optim
 
     opt = lit_optim.build_optimizer(net, name, lr=1e-2, weight_decay=0.1)
-    if callable(getattr(opt, "train", None)):
-        opt.train()  # schedule-free: the task switches it with the module; here there is no Trainer loop to do it
     for x in batches():
         # The mean over this rank's rows; FSDP2 averages the gradients over ranks = the mean over all rows.
         net(x[rows]).square().mean().backward()

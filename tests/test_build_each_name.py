@@ -83,7 +83,9 @@ def build_and_step(name: str, steps: int = 2, **hp):
     model = Net().to(device)
     opt = lit_optim.build_optimizer(model, name, **{"lr": 1e-3, **hp})
     if opt.lit_optim.spec.train_eval_switch:
-        opt.train()  # schedule-free optimizers refuse to step in eval mode (the Lightning callback does this)
+        # Built in train mode (schedule-free refuses to step in eval mode), with no empty state entries: DCP's
+        # state init before a resume needs both (lit_optim.schedule_free).
+        assert all(g["train_mode"] for g in opt.param_groups) and not opt.state
     before = [p.detach().clone() for p in model.parameters()]
     tokens = torch.randint(0, 256, (4, 16), device=device)
     for _ in range(steps):

@@ -139,9 +139,6 @@ def group_of(optimizer, model) -> dict[str, dict]:
 def step_both(pairs, steps=STEPS):
     """Identical gradients for both models, `steps` optimizer steps each."""
     gen = torch.Generator().manual_seed(1)
-    for opt, _ in pairs:
-        if hasattr(opt, "train") and callable(opt.train) and "ScheduleFree" in type(opt).__name__:
-            opt.train()
     names = [n for n, _ in pairs[0][1].named_parameters()]
     for _ in range(steps):
         grads = {n: torch.randn(p.shape, generator=gen) * 0.1 for n, p in pairs[0][1].named_parameters()}
@@ -151,6 +148,13 @@ def step_both(pairs, steps=STEPS):
             opt.step()
             opt.zero_grad(set_to_none=True)
     return names
+
+
+def as_training(theirs) -> None:
+    """HF's Trainer puts a schedule-free optimizer in train mode before its first step; lit_optim builds it in train
+    mode (lit_optim.schedule_free says why): the two are compared as they are when step 1 runs."""
+    if "ScheduleFree" in type(theirs).__name__:
+        theirs.train()
 
 
 def build_both(args, cfg=None):
@@ -165,6 +169,7 @@ def build_both(args, cfg=None):
         # lit_optim keeps CPU parameters on optimi's torch path (builders/construct.py); do the same for HF's object.
         if "triton" in group and group["triton"] is None:
             group["triton"] = False
+    as_training(theirs)
     cfg = cfg or lit_optim.from_hf_training_args(args)
     ours = lit_optim.build_optimizer(ours_model, **cfg)
     return (theirs, hf_model), (ours, ours_model), cfg
@@ -375,5 +380,6 @@ def test_a_real_trainer_builds_what_lit_optim_builds(name, tmp_path, fresh_bnb_m
     args = TrainingArguments(output_dir=str(tmp_path), optim=name, learning_rate=2e-3, weight_decay=0.05,
                              adam_beta1=0.85, adam_beta2=0.99, adam_epsilon=1e-7, report_to=[], use_cpu=True)
     theirs = Trainer(model=hf_model, args=args).create_optimizer()
+    as_training(theirs)
     ours = lit_optim.build_optimizer(ours_model, **lit_optim.from_hf_training_args(args))
     assert_same_optimizer(name, theirs, hf_model, ours, ours_model)
