@@ -94,12 +94,13 @@ TESTED_BY = {
                                           " save on the same number of ranks; another number is refused)",
     ("FlashOptim", "DDP"): NOT_ON_CPU,
     ("Muon", "DDP"): _DDP_TEST,
-    ("Muon", "FSDP2"): _FSDP_OTHERS_RESUME_TEST + " (exact resume; stepping against one process, within bf16 rounding"
-                       " of its Newton-Schulz iterations: `" + _FSDP_TEST + "`)",
+    ("Muon", "FSDP2"): _FSDP_OTHERS_RESUME_TEST + " (exact resume, also through Lightning's"
+                       " ModelParallelStrategy; stepping against one process, within bf16 rounding of its Newton-Schulz"
+                       " iterations: `" + _FSDP_TEST + "`)",
     ("torch Adafactor", "DDP"): _DDP_TEST,
     ("StableAdamW", "DDP"): _DDP_TEST,
-    ("StableAdamW", "FSDP2"): _FSDP_OTHERS_RESUME_TEST + " (exact resume; stepping against one process, exactly:"
-                              " `" + _FSDP_TEST + "`)",
+    ("StableAdamW", "FSDP2"): _FSDP_OTHERS_RESUME_TEST + " (exact resume, also through Lightning's"
+                              " ModelParallelStrategy; stepping against one process, exactly: `" + _FSDP_TEST + "`)",
     ("schedule-free", "DDP"): _DDP_TEST,
     ("schedule-free", "FSDP1"): _FSDP1_TEST,
     ("schedule-free", "FSDP2"): _FSDP_OTHERS_RESUME_TEST + " (schedule_free_adamw: exact resume, also through"
