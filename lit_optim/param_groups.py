@@ -2,7 +2,8 @@
 
 Weight decay is skipped for biases, normalisation weights (by module type and by name), every other 1-D parameter,
 and names the model lists in `no_weight_decay()`. "1-D" means the parameter's own shape, also under FSDP1, which
-shows the optimizer 1-D slices of every parameter. Frozen parameters are left out. `lr_scales` gives matching
+shows the optimizer 1-D slices of every parameter, and under DeepSpeed ZeRO-3, which empties each one (its shape is
+kept in `ds_shape`). Frozen parameters are left out. `lr_scales` gives matching
 parameters their own named group with a scaled learning rate (e.g. ``{"embedding": 0.1}``).
 """
 
@@ -95,6 +96,15 @@ def fsdp1_shapes(root: nn.Module | None) -> dict[int, torch.Size]:
     return shapes
 
 
+def _shape(p: torch.Tensor, shapes: Mapping[int, torch.Size]) -> torch.Size:
+    # FSDP1 slices (shapes from the wrapper's metadata), DeepSpeed ZeRO-3 partitions (empty data, the whole shape in
+    # ds_shape), else the parameter itself.
+    if id(p) in shapes:
+        return shapes[id(p)]
+    ds_shape = getattr(p, "ds_shape", None)
+    return torch.Size(ds_shape) if ds_shape is not None else p.shape
+
+
 def classify(
     model_or_named_params: nn.Module | Iterable[tuple[str, nn.Parameter]],
     no_decay: Iterable[str] = (),
@@ -163,7 +173,7 @@ def classify(
         is_head = id(p) in head_ids or bool(re.search(r"(^|\.)(lm_head|output|head|classifier)\.weight$", name))
         is_emb = id(p) in embeddings or (module is None and "embed" in name)
         decay = not (
-            len(shapes.get(id(p), p.shape)) <= 1
+            len(_shape(p, shapes)) <= 1
             or (module is not None and _is_norm(module))
             or _NO_DECAY_NAME.search(name.lower())
             or name in listed
