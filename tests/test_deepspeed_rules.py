@@ -1,7 +1,7 @@
 """Lightning's DeepSpeedStrategy: ZeRO (and DeepSpeed's bf16/fp16 optimizers) step flat 1-D partitions of the
 parameters, as FSDP1 does, so exactly the names allowed under FSDP1 are allowed under DeepSpeed, and every other one
-is refused before step 1 by the module's own `configure_optimizers`. Muon, for one, would otherwise route every
-flattened weight to its AdamW part without a word.
+is refused before step 1 by the module's own `configure_optimizers`. Muon, for one, would otherwise fail at step 1
+under ZeRO-1/2 and, under ZeRO-3 (parameters emptied at build), send every weight to its AdamW part without a word.
 
 DeepSpeed needs CUDA and is not installed here; the checks read only the strategy's type, so the stand-in Trainer
 holds a real DeepSpeedStrategy made without its constructor (which imports deepspeed). Nothing here trains under
