@@ -71,9 +71,23 @@ def normalize_optim_config(optim: str | Mapping[str, Any] | None) -> dict[str, A
 FSDP2_FIX = "trainer=fsdp2, i.e. lit_optim.task.fsdp2.FSDP2Strategy"
 
 
+def check_strategy(trainer) -> None:
+    """Refuse, before anything is built, a strategy lit_optim cannot serve whatever the optimizer."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if isinstance(trainer.strategy, DeepSpeedStrategy):
+        raise IncompatibleConfigError(
+            "lit_optim does not support Lightning's DeepSpeedStrategy: DeepSpeed replaces the optimizer with its own "
+            "ZeRO/bf16 optimizer, which steps flat 1-D partitions of fp32 master copies of the parameters (so "
+            "low-bit, low-rank and Muon state would be built for the wrong shapes, and schedule-free's train/eval "
+            "switch would miss the model's weights) and hides the optimizer from lit_optim's checks, callbacks and "
+            f"resume. Use FSDP2 ({FSDP2_FIX}) to shard, or DDP."
+        )
+
+
 def check_trainer_compatibility(spec: OptimizerSpec, trainer, device_type: str) -> None:
     """Known-incompatible combinations of optimizer and Trainer settings, refused with the reason and a fix."""
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
     strategy = trainer.strategy
     problems = []
@@ -85,13 +99,6 @@ def check_trainer_compatibility(spec: OptimizerSpec, trainer, device_type: str) 
         fix = f"use FSDP2 ({FSDP2_FIX})" if FSDP2 in spec.supports else "use DDP"
         problems.append(f"it does not support FSDP1, Lightning's strategy='fsdp' ({why}); {fix}, or an elementwise "
                         "torch optimizer such as adamw_torch")
-    elif isinstance(strategy, DeepSpeedStrategy) and FSDP1 not in spec.supports:  # before DDP: it subclasses it
-        why = spec.unsupported_why.get(FSDP1, "its state is not shaped like the parameters")
-        fix = f"FSDP2 ({FSDP2_FIX})" if FSDP2 in spec.supports else "DDP"
-        problems.append("it is not allowed under DeepSpeed, Lightning's strategy='deepspeed': ZeRO and DeepSpeed's "
-                        "bf16/fp16 optimizers step flat 1-D partitions of the parameters, as FSDP1 does, and only the "
-                        f"elementwise names that pass under FSDP1 are allowed there (for this one: {why}); use {fix}, "
-                        "or an elementwise torch optimizer such as adamw_torch")
     elif isinstance(strategy, ModelParallelStrategy) and FSDP2 not in spec.supports:
         why = spec.unsupported_why.get(FSDP2, "its state cannot go through FSDP's optimizer state dict")
         problems.append(f"it does not support FSDP2, Lightning's ModelParallelStrategy ({why}); use DDP, or an "
@@ -219,6 +226,7 @@ class OptimizerMixin:
     def configure_optimizers(self):
         trainer = self._trainer
         if trainer is not None:
+            check_strategy(trainer)
             check_accumulation(trainer.accumulate_grad_batches, "Trainer(accumulate_grad_batches=...)")
         cfg = dict(self.optim_config)
         name = cfg.pop("name")

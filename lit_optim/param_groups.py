@@ -55,10 +55,10 @@ class GroupPlan:
     def summary(self) -> str:
         parts = []
         for g in self.groups:
-            n = sum(p.numel() for p in g["params"])
+            n = sum(_numel(p) for p in g["params"])
             parts.append(f"{g['name']}: {n:,} params in {len(g['params'])} tensors"
                          + (f" (lr x{g['lr_scale']:g})" if g.get("lr_scale", 1.0) != 1.0 else ""))
-        total = sum(p.numel() for g in self.groups for p in g["params"])
+        total = sum(_numel(p) for g in self.groups for p in g["params"])
         text = f"{total:,} trainable params in {len(self.groups)} groups -- " + "; ".join(parts)
         if self.frozen:
             text += f"; {len(self.frozen)} frozen tensors excluded"
@@ -94,6 +94,10 @@ def fsdp1_shapes(root: nn.Module | None) -> dict[int, torch.Size]:
         if params is not None and original is not None:
             shapes.update({id(p): torch.Size(shape) for p, shape in zip(params, original)})
     return shapes
+
+
+def _numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", None) or p.numel())  # ZeRO-3 empties the data and keeps the count
 
 
 def _shape(p: torch.Tensor, shapes: Mapping[int, torch.Size]) -> torch.Size:

@@ -25,6 +25,7 @@ _FSDP_FUSED_RESUME_TEST = "tests/test_fsdp2_resume.py::test_fsdp2_fused_lowbit_r
 _FSDP_TORCHAO_TEST = ("tests/test_fsdp2_resume.py::"
                       "test_fsdp2_torchao_lowbit_resumes_exactly_through_lightning_on_two_ranks")
 _FSDP_OTHERS_RESUME_TEST = "tests/test_fsdp2_resume.py::test_fsdp2_muon_stable_and_schedule_free_resume_exactly"
+_THROUGH_LIGHTNING = " (exact resume, also through Lightning's ModelParallelStrategy on one device"
 _FSDP1_TEST = "tests/test_fsdp1.py::test_fsdp1_steps_like_one_process_and_resumes_exactly"
 REFUSAL_TEST = "tests/test_support_matrix.py::test_refused_cell_stops_before_step_1"
 NOT_ON_CPU = "untested: its step needs CUDA and no multi-GPU machine has run it yet"
@@ -94,18 +95,16 @@ TESTED_BY = {
                                           " save on the same number of ranks; another number is refused)",
     ("FlashOptim", "DDP"): NOT_ON_CPU,
     ("Muon", "DDP"): _DDP_TEST,
-    ("Muon", "FSDP2"): _FSDP_OTHERS_RESUME_TEST + " (exact resume, also through Lightning's"
-                       " ModelParallelStrategy; stepping against one process, within bf16 rounding of its Newton-Schulz"
-                       " iterations: `" + _FSDP_TEST + "`)",
+    ("Muon", "FSDP2"): _FSDP_OTHERS_RESUME_TEST + _THROUGH_LIGHTNING + "; stepping against one process, within bf16"
+                       " rounding of its Newton-Schulz iterations: `" + _FSDP_TEST + "`)",
     ("torch Adafactor", "DDP"): _DDP_TEST,
     ("StableAdamW", "DDP"): _DDP_TEST,
-    ("StableAdamW", "FSDP2"): _FSDP_OTHERS_RESUME_TEST + " (exact resume, also through Lightning's"
-                              " ModelParallelStrategy; stepping against one process, exactly: `" + _FSDP_TEST + "`)",
+    ("StableAdamW", "FSDP2"): _FSDP_OTHERS_RESUME_TEST + _THROUGH_LIGHTNING + "; stepping against one process,"
+                              " exactly: `" + _FSDP_TEST + "`)",
     ("schedule-free", "DDP"): _DDP_TEST,
     ("schedule-free", "FSDP1"): _FSDP1_TEST,
-    ("schedule-free", "FSDP2"): _FSDP_OTHERS_RESUME_TEST + " (schedule_free_adamw: exact resume, also through"
-                                " Lightning's ModelParallelStrategy; stepping against one process, exactly: `"
-                                + _FSDP_TEST + "`)",
+    ("schedule-free", "FSDP2"): _FSDP_OTHERS_RESUME_TEST + _THROUGH_LIGHTNING + "; schedule_free_adamw stepping"
+                                " against one process, exactly: `" + _FSDP_TEST + "`)",
 }
 
 

@@ -12,7 +12,6 @@ optimizer built by the module's own `configure_optimizers` under that strategy, 
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -81,13 +80,12 @@ def step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
 
 
 def worker(rank: int, out: str, names: list[str]) -> None:
-    from gloo_group import end_rank, gloo_mesh
+    from gloo_group import end_rank, gloo_mesh, write_results
 
     warnings.filterwarnings("ignore")
     with gloo_mesh(rank, WORLD, "29541"):
         results = {name: _one(rank, name, Path(out).parent) for name in names}
-    if rank == 0:
-        Path(out).write_text(json.dumps(results))
+    write_results(out, rank, results)
     end_rank()
 
 

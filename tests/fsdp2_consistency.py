@@ -7,7 +7,6 @@ stepping the whole model with the same optimizer on the same data.
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -54,13 +53,12 @@ def train(net: nn.Module, name: str, rows: slice, grads_from: nn.Module | None =
 
 
 def worker(rank: int, out: str, names: list[str]) -> None:
-    from gloo_group import end_rank, gloo_mesh
+    from gloo_group import end_rank, gloo_mesh, write_results
 
     warnings.filterwarnings("ignore")
     with gloo_mesh(rank, WORLD, "29531") as mesh:
         results = _results(rank, mesh, names)
-    if rank == 0:
-        Path(out).write_text(json.dumps(results))
+    write_results(out, rank, results)
     end_rank()
 
 

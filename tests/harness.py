@@ -236,6 +236,17 @@ def run_gloo_ranks(script: Path, *args: str, cwd: Path, timeout: int = 300) -> N
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def read_rank_results(out: Path, world: int = 2) -> dict:
+    """Rank 0's results from a gloo worker (tests/gloo_group.py `write_results`), after checking that every other
+    rank wrote its own and caught no error."""
+    import json
+
+    for rank in range(1, world):
+        other = json.loads(Path(f"{out}.rank{rank}").read_text())
+        assert other and not {n: r["error"] for n, r in other.items() if "error" in r}, (rank, other)
+    return json.loads(Path(out).read_text())
+
+
 def free_port() -> str:
     """A TCP port free right now, for a process group's rendezvous: fixed ports collide with other jobs' groups."""
     import socket

@@ -12,13 +12,12 @@ Weight decay goes by each parameter's own shape, not its slice's. Every other na
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from harness import free_port, fsdp1_trainer, run_gloo_ranks
+from harness import free_port, fsdp1_trainer, read_rank_results, run_gloo_ranks
 from torch import nn
 
 from lit_optim.errors import HyperparameterError
@@ -40,7 +39,7 @@ def test_fsdp1_steps_like_one_process_and_resumes_exactly(tmp_path):
     out = tmp_path / "fsdp1.json"
     run_gloo_ranks(Path(__file__).resolve().parent / "fsdp1_consistency.py", str(out), *ELEMENTWISE, cwd=tmp_path,
                    timeout=400)
-    results = json.loads(out.read_text())
+    results = read_rank_results(out)
     for name in ELEMENTWISE:
         r = results[name]
         assert "error" not in r, (name, r)

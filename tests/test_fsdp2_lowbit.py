@@ -13,10 +13,9 @@ tests/test_fsdp2_resume.py's.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from harness import run_gloo_ranks
+from harness import read_rank_results, run_gloo_ranks
 
 NAMES = ["adamw_torch", "adamw_fused_8bit", "adamw_fused_4bit", "stable_adamw", "schedule_free_adamw", "muon"]
 
@@ -24,7 +23,7 @@ NAMES = ["adamw_torch", "adamw_fused_8bit", "adamw_fused_4bit", "stable_adamw", 
 def test_fsdp2_steps_sharded_parameters_like_one_process(tmp_path):
     out = tmp_path / "fsdp2.json"
     run_gloo_ranks(Path(__file__).resolve().parent / "fsdp2_consistency.py", str(out), *NAMES, cwd=tmp_path)
-    r = json.loads(out.read_text())
+    r = read_rank_results(out)
     assert all("error" not in r[n] for n in NAMES), r
     assert all(r[n]["dtensor"] == "DTensor" for n in NAMES)
     # Parameters: [weight 0, bias 0, weight 2, bias 2]; "same_grads" feeds the shards one process's gradients.

@@ -25,16 +25,17 @@ import pytest
 import torch
 from harness import free_port, run_gloo_ranks
 
+from lit_optim.registry import all_specs
+from lit_optim.spec import CPU, FSDP2
+
 SCRIPT = Path(__file__).resolve().parent / "fsdp2_resume.py"
 TORCH = ["adamw_torch", "adamw_torch_fused"]
 FUSED = ["adamw_fused_8bit", "adamw_fused_4bit", "lion_fused_8bit"]
 # State of the parameter's placement, like AdamW's, but each with its own trap: Muon orthogonalises the whole matrix,
 # StableAdamW clips by the whole parameter's RMS, and schedule-free keeps z and its weight sums in the param groups.
 OTHERS = ["muon", "stable_adamw", "schedule_free_adamw"]
-# Every FSDP2 name that runs on the CPU without a compile (torchao's are the slow tests below).
-LIGHTNING_FSDP2 = ["schedule_free_adamw", "schedule_free_radam", "schedule_free_sgd", "stable_adamw", "adamw_torch",
-                   "adamw_torch_fused", "adam", "sgd", "adagrad", "rmsprop", "muon", "adamw_fused_8bit",
-                   "adamw_fused_4bit", "adam_fused_8bit", "adam_fused_4bit", "lion_fused_8bit", "lion_fused_4bit"]
+# Every FSDP2 name that runs on the CPU without a compile (torchao's are the slow tests below), from the registry.
+LIGHTNING_FSDP2 = [s.name for s in all_specs() if {FSDP2, CPU} <= s.supports and s.backend != "torchao"]
 HP = {"sgd": {"momentum": 0.9}}  # some state to compare; plain SGD keeps none
 BITS = {"adamw_fused_8bit": 8, "adamw_fused_4bit": 4, "lion_fused_8bit": 8}
 

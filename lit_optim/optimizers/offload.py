@@ -272,21 +272,11 @@ class OffloadOptimizer(torch.optim.Optimizer):
     # --- Lightning ------------------------------------------------------------------------------------------------
     def check_trainer(self, trainer, pl_module=None) -> None:
         """Refuse, before step 1, the Trainer settings offload cannot honour -- with the reason and the fix."""
-        from lightning.pytorch.strategies import (
-            DDPStrategy,
-            DeepSpeedStrategy,
-            FSDPStrategy,
-            ModelParallelStrategy,
-            SingleDeviceStrategy,
-        )
+        from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
         strategy, problems = trainer.strategy, []
         if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
             problems.append(sharded_problem(type(strategy).__name__))
-        elif isinstance(strategy, DeepSpeedStrategy):  # a DDPStrategy subclass, with ZeRO partitions of its own
-            problems.append("strategy DeepSpeedStrategy partitions parameters and optimizer state itself; use "
-                            "DeepSpeed's own offload (DeepSpeedStrategy(offload_optimizer=True)) or train with "
-                            "DDP/one device and offload=cpu")
         elif not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             problems.append(f"strategy {type(strategy).__name__} is not supported with offload; use one device or DDP")
         if self.offload_gradients:
