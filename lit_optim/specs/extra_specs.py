@@ -8,7 +8,8 @@ from lit_optim.spec import ALL_FEATURES, FSDP1, OptimizerSpec
 SPECS: list[OptimizerSpec] = []  # in registry order; lit_optim/specs/all.py collects them
 register = SPECS.append
 
-_SF = "Schedule-free: no LR decay schedule needed; lit_optim switches optimizer.train()/eval() with the module."
+_SF = ("Schedule-free: no LR decay schedule needed; built in train mode, and lit_optim switches "
+       "optimizer.train()/eval() with the module.")
 register(OptimizerSpec(
     name="schedule_free_adamw", backend="schedulefree", target="schedulefree:AdamWScheduleFree",
     state_bytes=theory.fp32_states(2), train_eval_switch=True, notes=_SF,
