@@ -18,7 +18,14 @@ or not divisible by its block, bitsandbytes embeddings), Adam-mini's blocks. The
   tensor at a time (3 x 4 B x the largest tensor); fused and bitsandbytes kernels step in place.
 
 The device peak is the larger of the backward phase (weights, gradients, device state, activations) and the step
-(weights, gradients, device state, step temporaries). Checked against the H100 runs recorded in
+(weights, gradients, device state, step temporaries).
+
+Sharded over N devices with FSDP2 (``trainer=fsdp2``, `shards=N`), each device keeps 1/N of the weights, gradients,
+optimizer state and step temporaries, and the backward phase adds what FSDP2 holds unsharded (`gathered`): the root
+unit (everything outside the decoder layers: embeddings, head, final norm, which the root keeps gathered from
+forward through backward) with its gradients, plus the largest decoder layer twice (the one computing and the one
+prefetched) and its gradients before their reduce-scatter. That part is a model of FSDP2's schedule, not yet
+measured on several GPUs. Checked against the H100 runs recorded in
 `benchmarks/results/` (tests/test_estimate.py): within 10% for every recorded configuration.
 """
 
@@ -32,7 +39,7 @@ import torch
 from torch import nn
 
 from lit_optim.build import build_optimizer
-from lit_optim.errors import LitOptimError
+from lit_optim.errors import HyperparameterError, IncompatibleConfigError, LitOptimError
 from lit_optim.nesting import leaves as nested_leaves
 from lit_optim.optimizers.in_backward import InBackwardOptimizer
 from lit_optim.registry import get_spec
@@ -57,11 +64,13 @@ class Estimate:
     activations: float = 0.0
     step_temporaries: float = 0.0
     host: float = 0.0  # host copies of parameters and gradients when offloaded, besides the state
+    gathered: float = 0.0  # FSDP2: unsharded parameters and gradients held during backward
+    shards: int = 1
     error: str | None = None
 
     @property
     def peak_device(self) -> float:
-        backward = self.weights + self.gradients + self.state_device + self.activations
+        backward = self.weights + self.gradients + self.state_device + self.activations + self.gathered
         step = self.weights + self.gradients + self.state_device + self.step_temporaries
         return max(backward, step)
 
@@ -146,7 +155,38 @@ def _step_temporaries(spec, optimizer, params: list[torch.Tensor], in_backward: 
     return temp
 
 
-def estimate_one(model: nn.Module, optim: str | Mapping[str, Any], work: Workload) -> Estimate:
+def estimate_one(model: nn.Module, optim: str | Mapping[str, Any], work: Workload, shards: int = 1) -> Estimate:
+    est = _unsharded(model, optim, work)
+    if shards == 1 or est.error:
+        return est
+    from lit_optim.spec import FSDP2
+
+    cfg = _as_config(optim)
+    mode = " with offload" if cfg.get("offload") else " in backward" if cfg.get("in_backward") else ""
+    if mode or FSDP2 not in get_spec(est.name).supports:
+        est.error = (f"{est.name!r}{mode} cannot be sharded with FSDP2 (refused before step 1 under trainer=fsdp2"
+                     + ("" if mode else f"; `lit-optim describe {est.name}` says why") + ")")
+        return est
+    est.shards = shards
+    for part in ("weights", "gradients", "state_device", "step_temporaries"):
+        setattr(est, part, getattr(est, part) / shards)
+    est.gathered = gathered_bytes(model)
+    return est
+
+
+def gathered_bytes(model: nn.Module) -> float:
+    """What FSDP2, as lit_optim shards a model (each decoder layer, then the root), holds unsharded in backward: the
+    root unit's parameters and gradients, and the largest layer's parameters twice and gradients once."""
+    from lit_optim.task.fsdp2 import _layers
+
+    layers = _layers(model)
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    root = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in in_layers)
+    layer = max((sum(p.numel() * p.element_size() for p in m.parameters()) for m in layers), default=0)
+    return 2 * root + 3 * layer
+
+
+def _unsharded(model: nn.Module, optim: str | Mapping[str, Any], work: Workload) -> Estimate:
     cfg = _as_config(optim)
     name = str(cfg.get("name"))
     est = Estimate(name)
@@ -181,8 +221,11 @@ def estimate_one(model: nn.Module, optim: str | Mapping[str, Any], work: Workloa
 
 
 def estimate(model: nn.Module | Mapping[str, Any], optims: Sequence[str | Mapping[str, Any]], *,
-             batch: int = 1, seq_len: int = 512, checkpointing: bool | None = None) -> list[Estimate]:
-    """Peak-memory estimates for each of `optims` on `model` (a module, or a model config to build on meta)."""
+             batch: int = 1, seq_len: int = 512, checkpointing: bool | None = None, shards: int = 1) -> list[Estimate]:
+    """Peak-memory estimates per device for each of `optims` on `model` (a module, or a model config to build on
+    meta), `batch` sequences of `seq_len` tokens a device; `shards` > 1: sharded over that many devices with FSDP2."""
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise HyperparameterError(f"shards must be a positive number of devices; got {shards!r}.")
     if isinstance(model, Mapping):
         config = dict(model)
         if checkpointing is None:
@@ -193,7 +236,7 @@ def estimate(model: nn.Module | Mapping[str, Any], optims: Sequence[str | Mappin
     dtypes = {p.dtype for p in model.parameters()}
     width = 2 if dtypes <= {torch.bfloat16, torch.float16} else 4
     work = Workload(batch, seq_len, bool(checkpointing), width)
-    return [estimate_one(model, o, work) for o in optims]
+    return [estimate_one(model, o, work, shards) for o in optims]
 
 
 def suggest(estimates: Iterable[Estimate], budget_gib: float) -> Estimate | None:
@@ -207,8 +250,10 @@ def suggest(estimates: Iterable[Estimate], budget_gib: float) -> Estimate | None
 def table(estimates: Sequence[Estimate], budget_gib: float | None = None) -> str:
     ok = [e for e in estimates if not e.error]
     unit, scale = ("GiB", GIB) if any(e.peak_device >= GIB for e in ok) or not ok else ("MiB", 2**20)
+    sharded = any(e.shards > 1 for e in ok)
     head = ["optimizer", f"weights {unit}", "grads", "state (device/managed/host)", "activations", "step temp",
-            f"peak device {unit}"] + (["fits"] if budget_gib is not None else [])
+            *(["FSDP2 gathered"] if sharded else []), f"peak device {unit}"]
+    head += ["fits"] if budget_gib is not None else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def g(x: float) -> str:
@@ -219,7 +264,8 @@ def table(estimates: Sequence[Estimate], budget_gib: float | None = None) -> str
             lines.append(f"| {e.name} | " + " | ".join(["-"] * (len(head) - 2)) + f" | refused: {e.error} |")
             continue
         cells = [e.name, g(e.weights), g(e.gradients), f"{g(e.state_device)} / {g(e.state_managed)} / "
-                 f"{g(e.state_host)}", g(e.activations), g(e.step_temporaries), g(e.peak_device)]
+                 f"{g(e.state_host)}", g(e.activations), g(e.step_temporaries), *([g(e.gathered)] if sharded else []),
+                 g(e.peak_device)]
         if budget_gib is not None:
             cells.append("yes" if e.fits(budget_gib) else "no")
         lines.append("| " + " | ".join(cells) + " |")
@@ -241,13 +287,41 @@ def compose_run(overrides: Sequence[str]) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=False)
 
 
+FSDP2_TARGET = "lit_optim.task.fsdp2.FSDP2Strategy"
+
+
+def shards_of(trainer: Mapping[str, Any]) -> int:
+    """How many devices a composed ``trainer`` config shards the model over: its device count under FSDP2
+    (``trainer=fsdp2``), else 1 (one device, DDP: every device holds the whole model)."""
+    strategy = trainer.get("strategy")
+    target = strategy.get("_target_") if isinstance(strategy, Mapping) else strategy
+    if target in ("fsdp", "lightning.pytorch.strategies.FSDPStrategy"):
+        raise IncompatibleConfigError(
+            "lit-optim estimate models FSDP2 sharding (trainer=fsdp2), not FSDP1 (trainer=fsdp), whose unsharded "
+            "units depend on its wrap policy; estimate with trainer=fsdp2.")
+    if target != FSDP2_TARGET:
+        return 1
+    devices, nodes = trainer.get("devices"), int(trainer.get("num_nodes") or 1)
+    if isinstance(devices, Sequence) and not isinstance(devices, str):
+        return len(devices) * nodes
+    if isinstance(devices, int) and devices > 0:
+        return devices * nodes
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise IncompatibleConfigError(
+            f"trainer=fsdp2 shards over trainer.devices={devices!r}, and this machine has no GPU to count: give the "
+            "number of devices the run will have, e.g. trainer.devices=8 (and trainer.num_nodes=2 for two machines).")
+    return count * nodes
+
+
 def estimate_run(overrides: Sequence[str], optims: Sequence[str] = ()) -> tuple[list[Estimate], dict[str, Any]]:
-    """Estimates for a `lit-optim train` command line: its model, batch and optimizer (or each of `optims`, with
-    the command line's other ``optim.*`` settings)."""
+    """Estimates for a `lit-optim train` command line: its model, batch, optimizer (or each of `optims`, with the
+    command line's other ``optim.*`` settings) and, under ``trainer=fsdp2``, sharding."""
     configs = [compose_run([*overrides, f"optim={name}"]) for name in optims] if optims else [compose_run(overrides)]
     data = configs[0].get("data") or {}
     estimates = estimate(configs[0]["model"], [dict(c["optim"]) for c in configs],
-                         batch=int(data.get("batch_size") or 1), seq_len=int(data.get("seq_len") or 512))
+                         batch=int(data.get("batch_size") or 1), seq_len=int(data.get("seq_len") or 512),
+                         shards=shards_of(configs[0].get("trainer") or {}))
     return estimates, configs[0]
 
 
@@ -276,6 +350,11 @@ def main(argv: Sequence[str]) -> int:
         print(f"\nFits {budget:g} GiB with the most optimizer state: {best.name} ({best.peak_device / GIB:.1f} GiB)."
               if best else f"\nNothing here fits {budget:g} GiB; try optim.offload=cpu, a *_layerwise name, or "
               "model.gradient_checkpointing=true.")
+    shards = max((e.shards for e in ests), default=1)
+    if shards > 1:
+        print(f"\nPer device, sharded over {shards} devices with FSDP2: weights, gradients and optimizer state are "
+              "1/N each; 'FSDP2 gathered' is what FSDP2 holds unsharded in backward (modelled, not yet measured on "
+              "several GPUs).")
     print("\nEstimated before training (model on the meta device); `lit_optim/memory_estimate.py` says what each "
           "column counts. Managed (paged) and host memory are outside the device peak.")
     return 0

@@ -100,3 +100,48 @@ def test_cli_prints_the_table_and_what_fits(capsys):
     out = capsys.readouterr().out
     assert "| adamw_torch |" in out and "peak device MiB" in out
     assert "Fits 0.025 GiB with the most optimizer state: paged_adamw_8bit" in out
+
+
+def test_fsdp2_shards_weights_gradients_and_state_and_adds_what_it_gathers():
+    model = TinyLM(vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=32)
+    (whole,) = estimate(model, ["adamw_torch"])
+    sharded, refused, in_backward = estimate(model, ["adamw_torch", "adamw_8bit",
+                                                     {"name": "adamw_torch", "in_backward": True}], shards=4)
+    assert "'adamw_torch' in backward cannot be sharded with FSDP2" in in_backward.error
+    for part in ("weights", "gradients", "state_device", "step_temporaries"):
+        assert getattr(sharded, part) == pytest.approx(getattr(whole, part) / 4), part
+    assert sharded.activations == whole.activations and sharded.shards == 4 and whole.gathered == 0
+    # The root unit (embedding, head, final norm: everything outside the blocks) with its gradients, and the largest
+    # block twice (computing and prefetched) with its gradients.
+    root = sum(p.numel() * 4 for n, p in model.named_parameters() if not n.startswith("blocks."))
+    block = sum(p.numel() * 4 for p in model.blocks[0].parameters())
+    assert root > 0 and sharded.gathered == 2 * root + 3 * block
+    assert sharded.peak_device == pytest.approx(sharded.weights + sharded.gradients + sharded.state_device
+                                                + sharded.activations + sharded.gathered)
+    assert refused.error and "cannot be sharded with FSDP2" in refused.error  # bitsandbytes
+    from lit_optim.errors import HyperparameterError
+
+    with pytest.raises(HyperparameterError, match="shards must be a positive number"):
+        estimate(model, ["adamw_torch"], shards=0)
+
+
+def test_the_trainer_config_says_how_many_devices_share_the_model(capsys):
+    from lit_optim.cli import main
+    from lit_optim.errors import IncompatibleConfigError
+    from lit_optim.memory_estimate import shards_of
+
+    fsdp2 = {"_target_": "lit_optim.task.fsdp2.FSDP2Strategy"}
+    assert shards_of({"strategy": fsdp2, "devices": 4}) == 4
+    assert shards_of({"strategy": fsdp2, "devices": 8, "num_nodes": 2}) == 16
+    assert shards_of({"strategy": fsdp2, "devices": [0, 1]}) == 2
+    assert shards_of({"strategy": "ddp", "devices": 8}) == shards_of({"strategy": "auto", "devices": 1}) == 1
+    with pytest.raises(IncompatibleConfigError, match="not FSDP1"):
+        shards_of({"strategy": "fsdp", "devices": 8})
+    if not torch.cuda.is_available():
+        with pytest.raises(IncompatibleConfigError, match=r"give the number .* trainer.devices=8"):
+            shards_of({"strategy": fsdp2, "devices": -1})
+    (est,), _ = estimate_run(["trainer=fsdp2", "trainer.devices=4"])
+    assert est.shards == 4 and est.gathered > 0
+    assert main(["estimate", "trainer=fsdp2", "trainer.devices=4", "optim=adamw_torch,adamw_fused_8bit"]) == 0
+    out = capsys.readouterr().out
+    assert "FSDP2 gathered" in out and "sharded over 4 devices with FSDP2" in out and "| adamw_fused_8bit |" in out
