@@ -18,15 +18,16 @@ or not divisible by its block, bitsandbytes embeddings), Adam-mini's blocks. The
   tensor at a time (3 x 4 B x the largest tensor); fused and bitsandbytes kernels step in place.
 
 The device peak is the larger of the backward phase (weights, gradients, device state, activations) and the step
-(weights, gradients, device state, step temporaries).
+(weights, gradients, device state, step temporaries). Checked against the H100 runs recorded in
+`benchmarks/results/` (tests/test_estimate.py): within 10% for every recorded configuration.
 
 Sharded over N devices with FSDP2 (``trainer=fsdp2``, `shards=N`), each device keeps 1/N of the weights, gradients,
 optimizer state and step temporaries, and the backward phase adds what FSDP2 holds unsharded (`gathered`): the root
 unit (everything outside the decoder layers: embeddings, head, final norm, which the root keeps gathered from
-forward through backward) with its gradients, plus the largest decoder layer twice (the one computing and the one
-prefetched) and its gradients before their reduce-scatter. That part is a model of FSDP2's schedule, not yet
-measured on several GPUs. Checked against the H100 runs recorded in
-`benchmarks/results/` (tests/test_estimate.py): within 10% for every recorded configuration.
+forward through backward) with the gradients of its head and norm, plus the largest decoder layer twice (the one
+computing and the one prefetched) and its gradients before their reduce-scatter (`gathered_bytes`). The root and
+head-gradient part is what FSDP2's own schedule holds on two CPU ranks (tests/fsdp2_gathered.py); the prefetched
+layer and the layer's gradients are a model of the GPU schedule, not yet measured on several GPUs.
 """
 
 from __future__ import annotations
@@ -174,16 +175,33 @@ def estimate_one(model: nn.Module, optim: str | Mapping[str, Any], work: Workloa
     return est
 
 
-def gathered_bytes(model: nn.Module) -> float:
-    """What FSDP2, as lit_optim shards a model (each decoder layer, then the root), holds unsharded in backward: the
-    root unit's parameters and gradients, and the largest layer's parameters twice and gradients once."""
+def gathered_parts(model: nn.Module) -> dict[str, int]:
+    """Bytes of the units lit_optim's FSDP2 sharding makes (each decoder layer, then the root): `root`, the root unit's
+    parameters (embeddings, head, final norm); `root_grads`, the part of their gradients that exists from the start of
+    backward (all but an untied input embedding's, which comes last); `layer`, the largest decoder layer."""
     from lit_optim.task.fsdp2 import _layers
 
     layers = _layers(model)
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
-    root = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in in_layers)
-    layer = max((sum(p.numel() * p.element_size() for p in m.parameters()) for m in layers), default=0)
-    return 2 * root + 3 * layer
+    root = [p for p in model.parameters() if id(p) not in in_layers]
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    input_only = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} - linear
+
+    def size(ps) -> int:
+        return sum(p.numel() * p.element_size() for p in ps)
+
+    return {"root": size(root), "root_grads": size(p for p in root if id(p) not in input_only),
+            "layer": max((size(m.parameters()) for m in layers), default=0)}
+
+
+def gathered_bytes(model: nn.Module) -> float:
+    """What FSDP2 holds unsharded in backward, at the larger of two moments. From the start of backward: the root
+    unit's parameters (the root is not resharded after forward) and the gradients of its head and norm (reduced
+    only when the root's backward ends), the layer computing and the one prefetched, and the gradients of one
+    layer before their reduce-scatter. At its end: the root's parameters and all their gradients."""
+    parts = gathered_parts(model)
+    during = parts["root"] + parts["root_grads"] + 3 * parts["layer"]
+    return max(during, 2 * parts["root"])
 
 
 def _unsharded(model: nn.Module, optim: str | Mapping[str, Any], work: Workload) -> Estimate:

@@ -111,11 +111,12 @@ def test_fsdp2_shards_weights_gradients_and_state_and_adds_what_it_gathers():
     for part in ("weights", "gradients", "state_device", "step_temporaries"):
         assert getattr(sharded, part) == pytest.approx(getattr(whole, part) / 4), part
     assert sharded.activations == whole.activations and sharded.shards == 4 and whole.gathered == 0
-    # The root unit (embedding, head, final norm: everything outside the blocks) with its gradients, and the largest
-    # block twice (computing and prefetched) with its gradients.
+    # The root unit (embeddings, head, final norm: everything outside the blocks) with the gradients of all but the
+    # input embeddings, and the largest block twice (computing and prefetched) with its gradients.
     root = sum(p.numel() * 4 for n, p in model.named_parameters() if not n.startswith("blocks."))
+    embeddings = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Embedding))
     block = sum(p.numel() * 4 for p in model.blocks[0].parameters())
-    assert root > 0 and sharded.gathered == 2 * root + 3 * block
+    assert 0 < embeddings < root and sharded.gathered == 2 * root - embeddings + 3 * block
     assert sharded.peak_device == pytest.approx(sharded.weights + sharded.gradients + sharded.state_device
                                                 + sharded.activations + sharded.gathered)
     assert refused.error and "cannot be sharded with FSDP2" in refused.error  # bitsandbytes
@@ -145,3 +146,20 @@ def test_the_trainer_config_says_how_many_devices_share_the_model(capsys):
     assert main(["estimate", "trainer=fsdp2", "trainer.devices=4", "optim=adamw_torch,adamw_fused_8bit"]) == 0
     out = capsys.readouterr().out
     assert "FSDP2 gathered" in out and "sharded over 4 devices with FSDP2" in out and "| adamw_fused_8bit |" in out
+
+
+def test_fsdp2_holds_what_the_estimate_models_on_two_cpu_ranks(tmp_path):
+    """FSDP2's own schedule (tests/fsdp2_gathered.py) keeps the root unit gathered through backward with its head's
+    gradient, and one block at a time on CPU: exactly the estimate's terms but the two a GPU adds (the prefetched
+    block and a block's gradients before their reduce-scatter, which overlap on the GPU's streams)."""
+    from harness import read_rank_results, run_gloo_ranks
+
+    out = tmp_path / "gathered.json"
+    run_gloo_ranks(Path(__file__).resolve().parent / "fsdp2_gathered.py", str(out), cwd=tmp_path)
+    r = read_rank_results(out)["tinylm"]
+    parts, measured = r["parts"], r["measured"]
+    assert parts["root_grads"] < parts["root"]  # the input embeddings' gradients come last
+    assert measured["params"] == parts["root"] + parts["layer"]
+    assert measured["grads"] == parts["root_grads"]
+    assert measured["both"] == parts["root"] + parts["root_grads"] + parts["layer"]
+    assert r["modelled"] == measured["both"] + 2 * parts["layer"]
