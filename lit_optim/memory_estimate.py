@@ -24,14 +24,16 @@ The device peak is the larger of the backward phase (weights, gradients, device 
 Sharded over N devices with FSDP2 (``trainer=fsdp2``, `shards=N`), each device keeps 1/N of the weights, gradients,
 optimizer state and step temporaries, and the backward phase adds what FSDP2 holds unsharded (`gathered`): the root
 unit (everything outside the decoder layers: embeddings, head, final norm, which the root keeps gathered from
-forward through backward) with the gradients of its head and norm, plus the largest decoder layer twice (the one
-computing and the one prefetched) and its gradients before their reduce-scatter (`gathered_bytes`). The root and
-head-gradient part is what FSDP2's own schedule holds on two CPU ranks (tests/fsdp2_gathered.py); the prefetched
-layer and the layer's gradients are a model of the GPU schedule, not yet measured on several GPUs.
+forward through backward) with the gradients of its head and norm, and around the layer computing its gradients:
+its parameters and the next layer's (prefetched), its gradients and the previous layer's reduce-scatter buffer
+(`gathered_bytes`; under ``*-mixed`` gathered in 16 bits and reduced in fp32). That is, to the byte, the peak FSDP2
+itself holds on two CPU ranks, in fp32 and in bf16-mixed (tests/fsdp2_gathered.py); it has not been measured on
+several GPUs.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -66,7 +68,7 @@ class Estimate:
     step_temporaries: float = 0.0
     host: float = 0.0  # host copies of parameters and gradients when offloaded, besides the state
     gathered: float = 0.0  # FSDP2: unsharded parameters and gradients held during backward
-    shards: int = 1
+    shards: int | None = None  # FSDP2 over this many devices; None: not sharded
     error: str | None = None
 
     @property
@@ -156,29 +158,33 @@ def _step_temporaries(spec, optimizer, params: list[torch.Tensor], in_backward: 
     return temp
 
 
-def estimate_one(model: nn.Module, optim: str | Mapping[str, Any], work: Workload, shards: int = 1) -> Estimate:
-    est = _unsharded(model, optim, work)
-    if shards == 1 or est.error:
+def estimate_one(model: nn.Module, optim: str | Mapping[str, Any], work: Workload, shards: int | None = None,
+                 precision: str | None = None) -> Estimate:
+    est, built = _unsharded(model, optim, work)
+    if shards is None or est.error:
         return est
     from lit_optim.spec import FSDP2
 
-    cfg = _as_config(optim)
-    mode = " with offload" if cfg.get("offload") else " in backward" if cfg.get("in_backward") else ""
-    if mode or FSDP2 not in get_spec(est.name).supports:
-        est.error = (f"{est.name!r}{mode} cannot be sharded with FSDP2 (refused before step 1 under trainer=fsdp2"
-                     + ("" if mode else f"; `lit-optim describe {est.name}` says why") + ")")
+    # What the run checks before step 1: the built optimizer's spec (in backward narrows it), and offload.
+    offload = bool(_as_config(optim).get("offload"))
+    if offload or FSDP2 not in built.spec.supports:
+        mode = " with offload" if offload else " in backward" if built.extra.get("in_backward") else ""
+        est.error = (f"{est.name!r}{mode} cannot be sharded with FSDP2 (refused before step 1 under trainer=fsdp2; "
+                     f"`lit-optim describe {est.name}` says why)")
         return est
     est.shards = shards
     for part in ("weights", "gradients", "state_device", "step_temporaries"):
         setattr(est, part, getattr(est, part) / shards)
-    est.gathered = gathered_bytes(model)
+    est.gathered = gathered_bytes(model, precision)
     return est
 
 
-def gathered_parts(model: nn.Module) -> dict[str, int]:
-    """Bytes of the units lit_optim's FSDP2 sharding makes (each decoder layer, then the root): `root`, the root unit's
-    parameters (embeddings, head, final norm); `root_grads`, the part of their gradients that exists from the start of
-    backward (all but an untied input embedding's, which comes last); `layer`, the largest decoder layer."""
+def gathered_parts(model: nn.Module, precision: str | None = None) -> dict[str, int]:
+    """Elements of the units lit_optim's FSDP2 sharding makes (each decoder layer, then the root), and the bytes an
+    element takes once gathered and once in a reduce-scatter buffer under `precision` (the Trainer's; ``*-mixed``
+    gathers in 16 bits and reduces in fp32, `lit_optim.task.fsdp2.mixed_precision_policy`). `root`: the root unit's
+    parameters (embeddings, head, final norm); `root_grads`: the part of their gradients that exists from the start
+    of backward (all but an untied input embedding's, which comes last); `layer`: the largest decoder layer."""
     from lit_optim.task.fsdp2 import _layers
 
     layers = _layers(model)
@@ -186,25 +192,28 @@ def gathered_parts(model: nn.Module) -> dict[str, int]:
     root = [p for p in model.parameters() if id(p) not in in_layers]
     linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     input_only = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} - linear
-
-    def size(ps) -> int:
-        return sum(p.numel() * p.element_size() for p in ps)
-
-    return {"root": size(root), "root_grads": size(p for p in root if id(p) not in input_only),
-            "layer": max((size(m.parameters()) for m in layers), default=0)}
-
-
-def gathered_bytes(model: nn.Module) -> float:
-    """What FSDP2 holds unsharded in backward, at the larger of two moments. From the start of backward: the root
-    unit's parameters (the root is not resharded after forward) and the gradients of its head and norm (reduced
-    only when the root's backward ends), the layer computing and the one prefetched, and the gradients of one
-    layer before their reduce-scatter. At its end: the root's parameters and all their gradients."""
-    parts = gathered_parts(model)
-    during = parts["root"] + parts["root_grads"] + 3 * parts["layer"]
-    return max(during, 2 * parts["root"])
+    width = max((p.element_size() for p in model.parameters()), default=4)
+    mixed = str(precision).endswith("-mixed")
+    return {"root": sum(p.numel() for p in root), "root_grads": sum(p.numel() for p in root if id(p) not in input_only),
+            "layer": max((sum(p.numel() for p in m.parameters()) for m in layers), default=0),
+            "gathered_width": 2 if mixed else width, "reduce_width": 4 if mixed else width}
 
 
-def _unsharded(model: nn.Module, optim: str | Mapping[str, Any], work: Workload) -> Estimate:
+def gathered_bytes(model: nn.Module, precision: str | None = None) -> float:
+    """What FSDP2 holds beyond the shards in backward, at the larger of two moments. While a layer computes its
+    gradients: the root unit's parameters (the root is not resharded after forward) and the gradients of its head
+    and norm (reduced only when the root's backward ends), the layer's parameters and the next one's, prefetched,
+    the layer's gradients, and the previous layer's reduce-scatter buffer. At the end: the root's parameters and
+    all their gradients, and the last layer's reduce-scatter buffer."""
+    parts = gathered_parts(model, precision)
+    g, r = parts["gathered_width"], parts["reduce_width"]
+    during = g * (parts["root"] + parts["root_grads"] + 3 * parts["layer"]) + r * parts["layer"]
+    end = g * 2 * parts["root"] + r * parts["layer"]
+    return max(during, end)
+
+
+def _unsharded(model: nn.Module, optim: str | Mapping[str, Any], work: Workload) -> tuple[Estimate, Any]:
+    """The estimate on one device, and what was built (its `lit_optim` record; None when it could not be)."""
     cfg = _as_config(optim)
     name = str(cfg.get("name"))
     est = Estimate(name)
@@ -218,7 +227,7 @@ def _unsharded(model: nn.Module, optim: str | Mapping[str, Any], work: Workload)
         optimizer = build_optimizer(model, **cfg)
     except LitOptimError as err:
         est.error = str(err)
-        return est
+        return est, None
     in_backward = isinstance(optimizer, InBackwardOptimizer)  # *_layerwise, in_backward=true, LOMO, AdaLomo
     largest_grad = max((p.numel() * p.element_size() for p in params), default=0)
     grads = sum(p.numel() * p.element_size() for p in params)
@@ -235,15 +244,18 @@ def _unsharded(model: nn.Module, optim: str | Mapping[str, Any], work: Workload)
         est.state_device = state
         est.step_temporaries = _step_temporaries(spec, optimizer, params, in_backward)
     est.activations = activation_bytes(model, work)
-    return est
+    return est, optimizer.lit_optim
 
 
 def estimate(model: nn.Module | Mapping[str, Any], optims: Sequence[str | Mapping[str, Any]], *,
-             batch: int = 1, seq_len: int = 512, checkpointing: bool | None = None, shards: int = 1) -> list[Estimate]:
+             batch: int = 1, seq_len: int = 512, checkpointing: bool | None = None, shards: int | None = None,
+             precision: str | None = None) -> list[Estimate]:
     """Peak-memory estimates per device for each of `optims` on `model` (a module, or a model config to build on
-    meta), `batch` sequences of `seq_len` tokens a device; `shards` > 1: sharded over that many devices with FSDP2."""
-    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
-        raise HyperparameterError(f"shards must be a positive number of devices; got {shards!r}.")
+    meta), `batch` sequences of `seq_len` tokens a device; `shards`: sharded over that many devices with FSDP2,
+    whose gathered parameters follow the Trainer's `precision` (``bf16-mixed``: 16-bit)."""
+    if shards is not None and (isinstance(shards, bool) or not isinstance(shards, numbers.Integral) or shards < 1):
+        raise HyperparameterError(f"shards must be a positive number of devices (or None: not sharded); got "
+                                  f"{shards!r}.")
     if isinstance(model, Mapping):
         config = dict(model)
         if checkpointing is None:
@@ -254,7 +266,7 @@ def estimate(model: nn.Module | Mapping[str, Any], optims: Sequence[str | Mappin
     dtypes = {p.dtype for p in model.parameters()}
     width = 2 if dtypes <= {torch.bfloat16, torch.float16} else 4
     work = Workload(batch, seq_len, bool(checkpointing), width)
-    return [estimate_one(model, o, work, shards) for o in optims]
+    return [estimate_one(model, o, work, shards, precision) for o in optims]
 
 
 def suggest(estimates: Iterable[Estimate], budget_gib: float) -> Estimate | None:
@@ -268,7 +280,7 @@ def suggest(estimates: Iterable[Estimate], budget_gib: float) -> Estimate | None
 def table(estimates: Sequence[Estimate], budget_gib: float | None = None) -> str:
     ok = [e for e in estimates if not e.error]
     unit, scale = ("GiB", GIB) if any(e.peak_device >= GIB for e in ok) or not ok else ("MiB", 2**20)
-    sharded = any(e.shards > 1 for e in ok)
+    sharded = any(e.shards is not None for e in ok)
     head = ["optimizer", f"weights {unit}", "grads", "state (device/managed/host)", "activations", "step temp",
             *(["FSDP2 gathered"] if sharded else []), f"peak device {unit}"]
     head += ["fits"] if budget_gib is not None else []
@@ -308,27 +320,32 @@ def compose_run(overrides: Sequence[str]) -> dict[str, Any]:
 FSDP2_TARGET = "lit_optim.task.fsdp2.FSDP2Strategy"
 
 
-def shards_of(trainer: Mapping[str, Any]) -> int:
-    """How many devices a composed ``trainer`` config shards the model over: its device count under FSDP2
-    (``trainer=fsdp2``), else 1 (one device, DDP: every device holds the whole model)."""
+def shards_of(trainer: Mapping[str, Any]) -> int | None:
+    """How many devices a composed ``trainer`` config shards the model over with FSDP2 (``trainer=fsdp2``, or any
+    ModelParallelStrategy: the built-in task shards with FSDP2 under it); None when it does not shard (one device,
+    DDP: every device holds the whole model)."""
     strategy = trainer.get("strategy")
-    target = strategy.get("_target_") if isinstance(strategy, Mapping) else strategy
-    if target in ("fsdp", "lightning.pytorch.strategies.FSDPStrategy"):
+    target = str(strategy.get("_target_") if isinstance(strategy, Mapping) else strategy)
+    if target.startswith("fsdp") or target.endswith("FSDPStrategy"):
         raise IncompatibleConfigError(
-            "lit-optim estimate models FSDP2 sharding (trainer=fsdp2), not FSDP1 (trainer=fsdp), whose unsharded "
-            "units depend on its wrap policy; estimate with trainer=fsdp2.")
-    if target != FSDP2_TARGET:
-        return 1
+            f"lit-optim estimate models FSDP2 sharding (trainer=fsdp2), not FSDP1 (strategy {target!r}), whose "
+            "unsharded units depend on its wrap policy; estimate with trainer=fsdp2.")
+    if target != FSDP2_TARGET and target != "model_parallel" and not target.endswith("ModelParallelStrategy"):
+        return None
     devices, nodes = trainer.get("devices"), int(trainer.get("num_nodes") or 1)
-    if isinstance(devices, Sequence) and not isinstance(devices, str):
+    if isinstance(devices, str) and "," in devices:  # Lightning's "0,1": those devices
+        devices = [d for d in devices.split(",") if d.strip()]
+    elif isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, Sequence) and not isinstance(devices, str) and len(devices) > 0:
         return len(devices) * nodes
     if isinstance(devices, int) and devices > 0:
         return devices * nodes
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
+    if count == 0 or devices not in (-1, "auto", None):
         raise IncompatibleConfigError(
-            f"trainer=fsdp2 shards over trainer.devices={devices!r}, and this machine has no GPU to count: give the "
-            "number of devices the run will have, e.g. trainer.devices=8 (and trainer.num_nodes=2 for two machines).")
+            f"trainer=fsdp2 shards over trainer.devices={devices!r}, which names no number of devices here: give "
+            "the number the run will have, e.g. trainer.devices=8 (and trainer.num_nodes=2 for two machines).")
     return count * nodes
 
 
@@ -336,10 +353,10 @@ def estimate_run(overrides: Sequence[str], optims: Sequence[str] = ()) -> tuple[
     """Estimates for a `lit-optim train` command line: its model, batch, optimizer (or each of `optims`, with the
     command line's other ``optim.*`` settings) and, under ``trainer=fsdp2``, sharding."""
     configs = [compose_run([*overrides, f"optim={name}"]) for name in optims] if optims else [compose_run(overrides)]
-    data = configs[0].get("data") or {}
+    data, trainer = configs[0].get("data") or {}, configs[0].get("trainer") or {}
     estimates = estimate(configs[0]["model"], [dict(c["optim"]) for c in configs],
                          batch=int(data.get("batch_size") or 1), seq_len=int(data.get("seq_len") or 512),
-                         shards=shards_of(configs[0].get("trainer") or {}))
+                         shards=shards_of(trainer), precision=trainer.get("precision"))
     return estimates, configs[0]
 
 
@@ -368,8 +385,8 @@ def main(argv: Sequence[str]) -> int:
         print(f"\nFits {budget:g} GiB with the most optimizer state: {best.name} ({best.peak_device / GIB:.1f} GiB)."
               if best else f"\nNothing here fits {budget:g} GiB; try optim.offload=cpu, a *_layerwise name, or "
               "model.gradient_checkpointing=true.")
-    shards = max((e.shards for e in ests), default=1)
-    if shards > 1:
+    shards = next((e.shards for e in ests if e.shards is not None), None)
+    if shards is not None:
         print(f"\nPer device, sharded over {shards} devices with FSDP2: weights, gradients and optimizer state are "
               "1/N each; 'FSDP2 gathered' is what FSDP2 holds unsharded in backward (modelled, not yet measured on "
               "several GPUs).")

@@ -73,7 +73,7 @@ class LanguageModelTask(OptimizerMixin, L.LightningModule):
             if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
                 from lit_optim.task.fsdp2 import shard_model
 
-                shard_model(self.model, self.device_mesh)
+                shard_model(self.model, self.device_mesh, precision=self.trainer.precision)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         out = self.model(tokens)
