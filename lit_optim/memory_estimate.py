@@ -5,8 +5,9 @@ it, so the parts that depend on the model's structure are the real ones: which t
 shape, which tensors a backend keeps at 32 bits (bitsandbytes below ``min_8bit_size``, torchao below 4096 elements
 or not divisible by its block, bitsandbytes embeddings), Adam-mini's blocks. Then, in bytes:
 
-- weights: every parameter in its dtype; gradients the same, except in backward (one gradient at a time: the
-  largest) and with ``offload_gradients`` (none on the device);
+- weights: every parameter in its dtype (for `lit-optim estimate`, the 16-bit one under a ``bf16-true`` or
+  ``16-true`` Trainer precision, to which Lightning converts the model); gradients the same, except in backward
+  (one gradient at a time: the largest) and with ``offload_gradients`` (none on the device);
 - optimizer state: the registry's theory per parameter (`lit_optim.state_theory`), whose claims the tests check
   against built optimizers; torch keeps its state in the parameter's dtype, bitsandbytes and torchao codes do not.
   It lives on the device, in managed memory (paged names) or on the host (``offload=cpu``);
@@ -318,6 +319,7 @@ def compose_run(overrides: Sequence[str]) -> dict[str, Any]:
 
 
 FSDP2_TARGET = "lit_optim.task.fsdp2.FSDP2Strategy"
+TRUE_16 = {"bf16-true": torch.bfloat16, "16-true": torch.float16}  # precisions that train the model in 16 bits
 
 
 def shards_of(trainer: Mapping[str, Any]) -> int | None:
@@ -354,7 +356,11 @@ def estimate_run(overrides: Sequence[str], optims: Sequence[str] = ()) -> tuple[
     command line's other ``optim.*`` settings) and, under ``trainer=fsdp2``, sharding."""
     configs = [compose_run([*overrides, f"optim={name}"]) for name in optims] if optims else [compose_run(overrides)]
     data, trainer = configs[0].get("data") or {}, configs[0].get("trainer") or {}
-    estimates = estimate(configs[0]["model"], [dict(c["optim"]) for c in configs],
+    model: nn.Module | dict = configs[0]["model"]
+    checkpointing = bool(model.get("gradient_checkpointing", False))
+    if trainer.get("precision") in TRUE_16:  # Lightning converts the model to it, whatever model.dtype says
+        model = meta_model(model).to(TRUE_16[trainer["precision"]])
+    estimates = estimate(model, [dict(c["optim"]) for c in configs], checkpointing=checkpointing,
                          batch=int(data.get("batch_size") or 1), seq_len=int(data.get("seq_len") or 512),
                          shards=shards_of(trainer), precision=trainer.get("precision"))
     return estimates, configs[0]

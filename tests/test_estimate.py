@@ -171,3 +171,11 @@ def test_fsdp2_holds_what_the_estimate_models_on_two_cpu_ranks(tmp_path):
     assert r["bf16-mixed"]["parts"]["root_grads"] < r["bf16-mixed"]["parts"]["root"]  # input embeddings' come last
     copies = {key: r[key]["copies_after_forward"] / (2 * r[key]["linear_weights"]) for key in r}
     assert copies["bf16-mixed"] == 0 and copies["bf16-mixed, autocast only"] > 0.5, copies
+
+
+def test_a_16_bit_true_precision_trains_the_model_in_16_bits():
+    """Lightning converts the model to the dtype of `bf16-true`/`16-true` whatever it was built in; so does the
+    estimate (with `model.dtype` unset it used to count fp32 weights, gradients and state)."""
+    (fp32,), _ = estimate_run(["optim=adamw_torch"])
+    (bf16,), _ = estimate_run(["optim=adamw_torch", "trainer.precision=bf16-true"])
+    assert bf16.weights == fp32.weights / 2 and bf16.state_device == fp32.state_device / 2
