@@ -160,9 +160,11 @@ def _step_temporaries(spec, optimizer, params: list[torch.Tensor], in_backward: 
 
 
 def estimate_one(model: nn.Module, optim: str | Mapping[str, Any], work: Workload, shards: int | None = None,
-                 precision: str | None = None) -> Estimate:
+                 gathered: float | None = None) -> Estimate:
+    """One optimizer's estimate; sharded over `shards` devices with FSDP2, which holds `gathered` bytes unsharded
+    (`gathered_bytes`), when both are given."""
     est, built = _unsharded(model, optim, work)
-    if shards is None or est.error:
+    if gathered is None or est.error:
         return est
     from lit_optim.spec import FSDP2
 
@@ -176,7 +178,7 @@ def estimate_one(model: nn.Module, optim: str | Mapping[str, Any], work: Workloa
     est.shards = shards
     for part in ("weights", "gradients", "state_device", "step_temporaries"):
         setattr(est, part, getattr(est, part) / shards)
-    est.gathered = gathered_bytes(model, precision)
+    est.gathered = gathered
     return est
 
 
@@ -186,18 +188,19 @@ def gathered_parts(model: nn.Module, precision: str | None = None) -> dict[str, 
     gathers in 16 bits and reduces in fp32, `lit_optim.task.fsdp2.mixed_precision_policy`). `root`: the root unit's
     parameters (embeddings, head, final norm); `root_grads`: the part of their gradients that exists from the start
     of backward (all but an untied input embedding's, which comes last); `layer`: the largest decoder layer."""
-    from lit_optim.task.fsdp2 import _layers
+    from lit_optim.task.fsdp2 import decoder_layers, mixed_precision_policy
 
-    layers = _layers(model)
+    layers = decoder_layers(model)
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
     root = [p for p in model.parameters() if id(p) not in in_layers]
     linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     input_only = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} - linear
     width = max((p.element_size() for p in model.parameters()), default=4)
-    mixed = str(precision).endswith("-mixed")
+    policy = mixed_precision_policy(precision)  # the one shard_model applies
     return {"root": sum(p.numel() for p in root), "root_grads": sum(p.numel() for p in root if id(p) not in input_only),
             "layer": max((sum(p.numel() for p in m.parameters()) for m in layers), default=0),
-            "gathered_width": 2 if mixed else width, "reduce_width": 4 if mixed else width}
+            "gathered_width": policy.param_dtype.itemsize if policy else width,
+            "reduce_width": policy.reduce_dtype.itemsize if policy else width}
 
 
 def gathered_bytes(model: nn.Module, precision: str | None = None) -> float:
@@ -267,7 +270,8 @@ def estimate(model: nn.Module | Mapping[str, Any], optims: Sequence[str | Mappin
     dtypes = {p.dtype for p in model.parameters()}
     width = 2 if dtypes <= {torch.bfloat16, torch.float16} else 4
     work = Workload(batch, seq_len, bool(checkpointing), width)
-    return [estimate_one(model, o, work, shards, precision) for o in optims]
+    gathered = gathered_bytes(model, precision) if shards is not None else None
+    return [estimate_one(model, o, work, shards, gathered) for o in optims]
 
 
 def suggest(estimates: Iterable[Estimate], budget_gib: float) -> Estimate | None:
@@ -318,7 +322,6 @@ def compose_run(overrides: Sequence[str]) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=False)
 
 
-FSDP2_TARGET = "lit_optim.task.fsdp2.FSDP2Strategy"
 TRUE_16 = {"bf16-true": torch.bfloat16, "16-true": torch.float16}  # precisions that train the model in 16 bits
 
 
@@ -332,7 +335,10 @@ def shards_of(trainer: Mapping[str, Any]) -> int | None:
         raise IncompatibleConfigError(
             f"lit-optim estimate models FSDP2 sharding (trainer=fsdp2), not FSDP1 (strategy {target!r}), whose "
             "unsharded units depend on its wrap policy; estimate with trainer=fsdp2.")
-    if target != FSDP2_TARGET and target != "model_parallel" and not target.endswith("ModelParallelStrategy"):
+    from lit_optim.task.fsdp2 import FSDP2Strategy
+
+    fsdp2 = f"{FSDP2Strategy.__module__}.{FSDP2Strategy.__qualname__}"
+    if target != fsdp2 and target != "model_parallel" and not target.endswith("ModelParallelStrategy"):
         return None
     devices, nodes = trainer.get("devices"), int(trainer.get("num_nodes") or 1)
     if isinstance(devices, str) and "," in devices:  # Lightning's "0,1": those devices

@@ -48,7 +48,7 @@ from lit_optim.preflight import check_accumulation
 from lit_optim.registry import get_spec
 from lit_optim.resume import check_model, check_optimizer
 from lit_optim.scheduler import build_scheduler
-from lit_optim.spec import CPU, DDP, FSDP1, FSDP2, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
+from lit_optim.spec import CPU, DDP, FSDP1, FSDP2, FSDP2_FIX, GRAD_ACCUM, GRAD_CLIP, OptimizerSpec
 
 DEFAULT_OPTIM = "adamw_torch"
 
@@ -65,10 +65,6 @@ def normalize_optim_config(optim: str | Mapping[str, Any] | None) -> dict[str, A
         )
     cfg.pop("_convert_", None)
     return cfg
-
-
-# lit_optim's own strategy: Lightning's ModelParallelStrategy with every device in the data-parallel (sharded) mesh.
-FSDP2_FIX = "trainer=fsdp2, i.e. lit_optim.task.fsdp2.FSDP2Strategy"
 
 
 def check_strategy(trainer) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lit_optim.errors import HyperparameterError
+from lit_optim.spec import FSDP2_FIX
 
 log = logging.getLogger("lit_optim")
 
@@ -160,8 +161,8 @@ def classify(
             raise HyperparameterError(
                 f"Parameter {name!r} is one of FSDP1's flat parameters (use_orig_params=False): weights, biases and "
                 "norms of a wrapped module concatenated into one tensor, which cannot get per-parameter weight decay "
-                "or learning rates. Keep use_orig_params=True (the default of Lightning's FSDPStrategy), or use "
-                "FSDP2 (trainer=fsdp2, i.e. lit_optim.task.fsdp2.FSDP2Strategy)."
+                f"or learning rates. Keep use_orig_params=True (the default of Lightning's FSDPStrategy), or use "
+                f"FSDP2 ({FSDP2_FIX})."
             )
         if not p.requires_grad:
             frozen.append(name)

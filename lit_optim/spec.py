@@ -20,6 +20,8 @@ from typing import Any
 # with `fully_shard`: DTensor parameters, sharded by rows.
 CPU, DDP, FSDP1, FSDP2, GRAD_CLIP, GRAD_ACCUM = "cpu", "ddp", "fsdp1", "fsdp2", "grad_clip", "grad_accum"
 ALL_FEATURES = frozenset({CPU, DDP, FSDP1, FSDP2, GRAD_CLIP, GRAD_ACCUM})
+# How error messages name the way to FSDP2: lit_optim's ModelParallelStrategy with every device in the sharded mesh.
+FSDP2_FIX = "trainer=fsdp2, i.e. lit_optim.task.fsdp2.FSDP2Strategy"
 
 # backend -> (module to import, how to install it)
 BACKENDS: Mapping[str, tuple[str, str]] = MappingProxyType(

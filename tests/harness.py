@@ -211,18 +211,23 @@ def python_without(hidden: tuple[str, ...], code: str, tmp_path: Path, timeout: 
                           timeout=timeout, cwd=str(tmp_path))
 
 
-def fsdp1_trainer(model=None, **settings):
-    """A stand-in Trainer holding a real FSDPStrategy (its model `model`, the FSDP1 wrapper) and what the checks before
-    step 1 read: Lightning will not build a Trainer with FSDPStrategy without a GPU. `settings` override the rest."""
+def stand_in_trainer(strategy, **settings):
+    """A stand-in Trainer holding a real `strategy` and what the checks before step 1 read, for strategies Lightning
+    will not build a Trainer with here (no GPU). `settings` override the rest."""
     from types import SimpleNamespace
 
+    return SimpleNamespace(**{"strategy": strategy, "accumulate_grad_batches": 1, "gradient_clip_val": None,
+                              "precision_plugin": SimpleNamespace(scaler=None), "estimated_stepping_batches": 10,
+                              **settings})
+
+
+def fsdp1_trainer(model=None, **settings):
+    """`stand_in_trainer` with a real FSDPStrategy whose model is `model` (the FSDP1 wrapper)."""
     from lightning.pytorch.strategies import FSDPStrategy
 
     strategy = FSDPStrategy()
     strategy.model = model
-    return SimpleNamespace(**{"strategy": strategy, "accumulate_grad_batches": 1, "gradient_clip_val": None,
-                              "precision_plugin": SimpleNamespace(scaler=None), "estimated_stepping_batches": 10,
-                              **settings})
+    return stand_in_trainer(strategy, **settings)
 
 
 def run_gloo_ranks(script: Path, *args: str, cwd: Path, timeout: int = 300) -> None:

@@ -9,11 +9,9 @@ empty at build time: the weight-decay grouping reads their shape from `ds_shape`
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
-from harness import TINY_MODEL
+from harness import TINY_MODEL, stand_in_trainer
 
 from lit_optim.errors import IncompatibleConfigError
 from lit_optim.param_groups import build_param_groups
@@ -23,9 +21,7 @@ from lit_optim.task.module import LanguageModelTask
 def deepspeed_trainer():
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
-    return SimpleNamespace(strategy=strategy, accumulate_grad_batches=1, gradient_clip_val=None,
-                           precision_plugin=SimpleNamespace(scaler=None), estimated_stepping_batches=10)
+    return stand_in_trainer(DeepSpeedStrategy.__new__(DeepSpeedStrategy))
 
 
 OPTIMS = [{"name": "adamw_torch"}, {"name": "schedule_free_adamw"}, {"name": "muon"}, {"name": "adamw_fused_8bit"},

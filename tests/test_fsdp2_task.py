@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lit_optim.errors import IncompatibleConfigError
-from lit_optim.task.fsdp2 import _layers, shard_model
+from lit_optim.task.fsdp2 import decoder_layers, shard_model
 from lit_optim.task.models import build_model
 
 
@@ -42,8 +42,8 @@ def test_a_tensor_parallel_mesh_is_refused_with_the_fix():
 
 def test_decoder_layers_are_found_for_per_layer_sharding():
     model = build_model({"arch": "tiny"})
-    assert _layers(model) == list(model.blocks) and len(_layers(model)) > 0
-    assert _layers(torch.nn.Linear(2, 2)) == []
+    assert decoder_layers(model) == list(model.blocks) and len(decoder_layers(model)) > 0
+    assert decoder_layers(torch.nn.Linear(2, 2)) == []
 
 
 @pytest.mark.parametrize(("precision", "gathered"), [("bf16-mixed", torch.bfloat16), ("32-true", None)])

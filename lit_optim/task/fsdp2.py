@@ -29,7 +29,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
 
-def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers `shard_model` wraps one by one (none found: only the whole model is wrapped)."""
     inner = getattr(model, "model", None)  # transformers' *ForCausalLM: .model.layers
     for owner in (inner, model):
         for name in ("layers", "blocks"):  # Hugging Face decoders; lit_optim's TinyLM
@@ -70,7 +71,7 @@ def shard_model(model: torch.nn.Module, device_mesh, precision: str | None = Non
     mesh = device_mesh["data_parallel"] if "data_parallel" in names else device_mesh
     policy = mixed_precision_policy(precision)
     options = {"mp_policy": policy} if policy is not None else {}
-    for layer in _layers(model):
+    for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, **options)
     fully_shard(model, mesh=mesh, **options)
     return model
